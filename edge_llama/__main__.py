@@ -1,0 +1,3 @@
+from edge_llama.cli import main
+
+raise SystemExit(main())

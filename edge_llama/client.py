@@ -1,0 +1,76 @@
+"""A small blocking client for the daemon's socket (used by the CLI, the benchmarks and the tests)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from edge_llama.errors import Unavailable, from_wire
+
+_ids = itertools.count(1)
+
+
+class Client:
+    def __init__(self, path: str | os.PathLike[str], timeout: float | None = None) -> None:
+        self.path = Path(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(str(self.path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            self.sock.close()
+            raise Unavailable(
+                f"the edge-llama daemon is not running at {self.path}; start it with: edge-llama serve"
+            ) from None
+        except PermissionError:
+            self.sock.close()
+            raise Unavailable(f"no permission to connect to {self.path} (are you in its group?)") from None
+        self._buf = b""
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send(self, request: dict[str, Any]) -> str:
+        """Send one request (an id is added if missing); returns its id."""
+        request.setdefault("id", f"r{next(_ids)}")
+        self.sock.sendall((json.dumps(request, ensure_ascii=False) + "\n").encode("utf-8"))
+        return request["id"]
+
+    def read_event(self) -> dict[str, Any]:
+        while b"\n" not in self._buf:
+            data = self.sock.recv(65536)
+            if not data:
+                raise Unavailable("the daemon closed the connection")
+            self._buf += data
+        line, self._buf = self._buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def events(self, request_id: str) -> Iterator[dict[str, Any]]:
+        """Events of one request up to and including its `done`; an `error` line is raised as its typed error."""
+        while True:
+            event = self.read_event()
+            if event.get("id") != request_id:
+                continue
+            if event["event"] == "error":
+                raise from_wire(event["code"], event["message"], event.get("retry_after_ms"))
+            yield event
+            if event["event"] == "done":
+                return
+
+    def call(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Send a request and return its `done` event (non-streaming use)."""
+        done: dict[str, Any] = {}
+        for event in self.events(self.send(request)):
+            done = event
+        return done

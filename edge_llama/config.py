@@ -1,0 +1,223 @@
+"""The one typed configuration tree, loaded and validated once at start.
+
+A YAML file (optional: the defaults serve the embedded model) is read into these dataclasses. Unknown keys and
+bad values are rejected with the key's dotted path; CLI flags override afterwards with `with_overrides`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from edge_llama.errors import ConfigError
+
+SYSTEMD_SOCKET = Path("/run/edge-llama/edge-llama.sock")
+
+
+@dataclass(frozen=True)
+class FakeEngineConfig:
+    """Scripted engine for tests: byte-level tokens, a fixed or echoed reply, injected delays and errors."""
+
+    reply: str | None = None  # None: echo "You said: <last user message>"
+    token_delay_ms: float = 0.0  # sleep per generated token
+    prompt_delay_ms: float = 0.0  # sleep per prompt token evaluated (to test cancel during prefill)
+    fail_on: str | None = None  # raise an engine error when the prompt contains this text
+    load_delay_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    backend: Literal["llamacpp", "fake", "trtllm"] = "llamacpp"
+    model: str | None = None  # GGUF path for llamacpp; None = the embedded SmolLM2-135M-Instruct Q4_1
+    kv_tokens: int = 2048  # the KV budget: prompt + reply never exceed it
+    kv_cache_type: Literal["f16", "q8_0"] = "f16"
+    threads: int | None = None  # None = all cores
+    batch_tokens: int = 64  # prompt tokens per decode call; cancellation is checked between calls
+    chat_template: str | None = None  # None = the model's own; else a built-in name or a .jinja file path
+    fake: FakeEngineConfig = field(default_factory=FakeEngineConfig)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    socket: str | None = None  # None = EDGE_LLAMA_SOCKET, else systemd's or a per-user path
+    socket_mode: int = 0o660
+    state_dir: str | None = None  # sessions live here; None = $STATE_DIRECTORY or ~/.local/state/edge-llama
+    max_line_bytes: int = 1 << 20  # one request line, newline included
+    max_messages: int = 64  # messages in one chat request
+    max_queue: int = 4  # requests admitted but waiting for the engine; more get `busy`
+    max_session_messages: int = 200  # stored history per session (oldest pairs dropped beyond)
+    shutdown_grace_s: float = 10.0  # SIGTERM: running requests may finish within this, then are cancelled
+    warmup: bool = True  # one tiny generation before accepting requests
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_tokens: int = 256  # default reply budget (reserved in the KV budget)
+    max_tokens_ceiling: int = 1024
+    temperature: float = 0.7
+    top_p: float = 0.9
+    system_prompt: str | None = None  # prepended when a conversation has no system message
+
+
+@dataclass(frozen=True)
+class SummarizeConfig:
+    summary_tokens: int = 160  # reply budget of each map/reduce step
+    instruction: str = "Summarize the following text in a few sentences. Keep names, numbers and conclusions."
+    combine_instruction: str = "Combine these partial summaries into one coherent summary, without repeating."
+
+
+@dataclass(frozen=True)
+class Config:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    summarize: SummarizeConfig = field(default_factory=SummarizeConfig)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+# --- loading ---------------------------------------------------------------------------------------------------
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load and validate a YAML config file; no file means all defaults."""
+    if path is None:
+        return _checked(Config())
+    import yaml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        data = {}
+    return from_dict(data, source=str(path))
+
+
+def from_dict(data: Any, source: str = "config") -> Config:
+    return _checked(_build(Config, data, "", source))
+
+
+def with_overrides(config: Config, overrides: dict[str, Any]) -> Config:
+    """Apply dotted-path overrides (from CLI flags), e.g. {"server.socket": "/tmp/x.sock"}; None values skip."""
+    data = dataclasses.asdict(config)
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return from_dict(data, source="command line")
+
+
+def _build(cls: type, data: Any, path: str, source: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {path or 'top level'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        where = f"{path}.{unknown[0]}" if path else unknown[0]
+        raise ConfigError(f"{source}: unknown key '{where}' (known here: {', '.join(sorted(known))})")
+    values = {}
+    for name, raw in data.items():
+        key_path = f"{path}.{name}" if path else name
+        values[name] = _coerce(hints[name], raw, key_path, source)
+    return cls(**values)
+
+
+def _coerce(hint: Any, raw: Any, path: str, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, raw, path, source)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if raw is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, raw, path, source)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if raw not in choices:
+            raise ConfigError(f"{source}: '{path}' must be one of {', '.join(map(str, choices))}; got {raw!r}")
+        return raw
+    if hint is bool:
+        if not isinstance(raw, bool):
+            raise ConfigError(f"{source}: '{path}' must be true or false; got {raw!r}")
+        return raw
+    if hint is int:
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise ConfigError(f"{source}: '{path}' must be a whole number; got {raw!r}")
+        return raw
+    if hint is float:
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            raise ConfigError(f"{source}: '{path}' must be a number; got {raw!r}")
+        return float(raw)
+    if hint is str:
+        if not isinstance(raw, str):
+            raise ConfigError(f"{source}: '{path}' must be a string; got {raw!r}")
+        return raw
+    raise ConfigError(f"{source}: '{path}' has an unsupported type {hint!r}")  # pragma: no cover
+
+
+def _checked(config: Config) -> Config:
+    """Range checks that types cannot express, each naming its key."""
+    e, s, g = config.engine, config.server, config.generation
+    rules = [
+        ("engine.kv_tokens", e.kv_tokens >= 64, "must be at least 64"),
+        ("engine.threads", e.threads is None or e.threads >= 1, "must be at least 1"),
+        ("engine.batch_tokens", 1 <= e.batch_tokens <= 4096, "must be between 1 and 4096"),
+        ("server.socket_mode", 0 <= s.socket_mode <= 0o777, "must be a file mode such as 0o660"),
+        ("server.max_line_bytes", s.max_line_bytes >= 1024, "must be at least 1024"),
+        ("server.max_messages", s.max_messages >= 1, "must be at least 1"),
+        ("server.max_queue", s.max_queue >= 0, "must not be negative"),
+        ("server.max_session_messages", s.max_session_messages >= 2, "must be at least 2"),
+        ("server.shutdown_grace_s", s.shutdown_grace_s >= 0, "must not be negative"),
+        ("generation.max_tokens", 1 <= g.max_tokens <= g.max_tokens_ceiling,
+         "must be between 1 and generation.max_tokens_ceiling"),
+        ("generation.max_tokens_ceiling", g.max_tokens_ceiling < e.kv_tokens,
+         "must be smaller than engine.kv_tokens"),
+        ("generation.temperature", 0.0 <= g.temperature <= 2.0, "must be between 0 and 2"),
+        ("generation.top_p", 0.0 < g.top_p <= 1.0, "must be in (0, 1]"),
+        ("summarize.summary_tokens", 16 <= config.summarize.summary_tokens <= e.kv_tokens // 4,
+         "must be between 16 and a quarter of engine.kv_tokens"),
+    ]
+    for key, ok, why in rules:
+        if not ok:
+            raise ConfigError(f"config: '{key}' {why}")
+    return config
+
+
+# --- paths -----------------------------------------------------------------------------------------------------
+def default_socket_path() -> Path:
+    """EDGE_LLAMA_SOCKET, else systemd's path when that socket exists or we run under systemd, else per user."""
+    env = os.environ.get("EDGE_LLAMA_SOCKET")
+    if env:
+        return Path(env)
+    if SYSTEMD_SOCKET.exists() or os.environ.get("INVOCATION_ID"):
+        return SYSTEMD_SOCKET
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) if runtime else Path("/tmp") / f"edge-llama-{os.getuid()}"
+    return base / "edge-llama.sock" if runtime is None else base / "edge-llama" / "edge-llama.sock"
+
+
+def socket_path(config: Config) -> Path:
+    return Path(config.server.socket) if config.server.socket else default_socket_path()
+
+
+def state_dir(config: Config) -> Path:
+    if config.server.state_dir:
+        return Path(config.server.state_dir)
+    systemd_state = os.environ.get("STATE_DIRECTORY")  # set by systemd's StateDirectory=
+    if systemd_state:
+        return Path(systemd_state.split(":")[0])
+    xdg = os.environ.get("XDG_STATE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "edge-llama"

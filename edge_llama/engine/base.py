@@ -1,0 +1,107 @@
+"""The one Engine interface every backend implements, and helpers they share.
+
+An engine is used from one worker thread at a time (batch size 1): the service serialises calls. `tokenize` may
+also be called from other threads while a generation runs; backends keep it free of generation state.
+"""
+
+from __future__ import annotations
+
+import codecs
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(frozen=True)
+class Capacity:
+    kv_tokens: int  # the KV budget: prompt + reply tokens of one request never exceed it
+    max_seq_len: int  # the model's own limit (training context), >= kv_tokens when the budget is honest
+
+
+@dataclass(frozen=True)
+class GenParams:
+    max_tokens: int
+    temperature: float = 0.7  # 0 = greedy
+    top_p: float = 0.9
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One generated token's text (UTF-8 safe: "" while a character is incomplete) or the final marker.
+
+    Token chunks have finish=None and count one completion token each; the last chunk of every generation has a
+    finish reason, counts no token, and carries any bytes still held back (normally "").
+    """
+
+    text: str
+    finish: FinishReason | None = None
+
+
+@dataclass(frozen=True)
+class TemplateInfo:
+    """What a chat template needs from the model: its own template (None = use a built-in) and special tokens."""
+
+    template: str | None
+    bos_token: str
+    eos_token: str
+
+
+class Engine(ABC):
+    name: str = "engine"
+
+    @abstractmethod
+    def load(self) -> None:
+        """Load weights and allocate the KV cache. Slow; call once, from a worker thread."""
+
+    def close(self) -> None:  # noqa: B027 - backends without native resources need nothing here
+        """Free native resources."""
+
+    @property
+    @abstractmethod
+    def capacity(self) -> Capacity: ...
+
+    @property
+    @abstractmethod
+    def model_name(self) -> str: ...
+
+    @property
+    @abstractmethod
+    def template_info(self) -> TemplateInfo: ...
+
+    @abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text` with special-token text (e.g. <|eot_id|>) parsed as special; no BOS added."""
+
+    @abstractmethod
+    def detokenize(self, ids: Sequence[int]) -> str: ...
+
+    @abstractmethod
+    def generate(self, prompt_ids: Sequence[int], params: GenParams, cancel: threading.Event) -> Iterator[Chunk]:
+        """Stream the reply to `prompt_ids`. Checks `cancel` between prompt batches and between tokens, and ends
+        with a Chunk(finish="cancelled") within one token (or one prompt batch) of it being set."""
+
+
+class Utf8Assembler:
+    """Turns a stream of token byte pieces into text that never splits a character."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, piece: bytes) -> str:
+        return self._decoder.decode(piece)
+
+    def flush(self) -> str:
+        return self._decoder.decode(b"", final=True)
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

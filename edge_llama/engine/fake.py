@@ -1,0 +1,99 @@
+"""A scripted engine for tests: what a real model cannot make deterministic.
+
+Tokens are UTF-8 bytes (ids 0-255) plus a few special tokens, so token counts are exact and multi-byte
+characters arrive split across tokens. The reply is fixed by config (or echoes the last user turn), and delays
+and failures are injected from config.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterator, Sequence
+
+from edge_llama.config import EngineConfig
+from edge_llama.engine.base import Capacity, Chunk, Engine, GenParams, TemplateInfo, Utf8Assembler
+from edge_llama.errors import InternalError
+
+SPECIALS = ("<|bos|>", "<|eos|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>")
+SPECIAL_IDS = {text: 256 + i for i, text in enumerate(SPECIALS)}
+_SPECIAL_RE = re.compile("(" + "|".join(re.escape(s) for s in SPECIALS) + ")")
+
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+class FakeEngine(Engine):
+    name = "fake"
+
+    def __init__(self, config: EngineConfig) -> None:
+        self._config = config
+        self._script = config.fake
+
+    def load(self) -> None:
+        time.sleep(self._script.load_delay_ms / 1000)
+
+    @property
+    def capacity(self) -> Capacity:
+        return Capacity(kv_tokens=self._config.kv_tokens, max_seq_len=self._config.kv_tokens)
+
+    @property
+    def model_name(self) -> str:
+        return "fake"
+
+    @property
+    def template_info(self) -> TemplateInfo:
+        return TemplateInfo(template=TEMPLATE, bos_token="<|bos|>", eos_token="<|eos|>")
+
+    def tokenize(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for part in _SPECIAL_RE.split(text):
+            if part in SPECIAL_IDS:
+                ids.append(SPECIAL_IDS[part])
+            else:
+                ids.extend(part.encode("utf-8"))
+        return ids
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def _reply(self, prompt: str) -> str:
+        if self._script.reply is not None:
+            return self._script.reply
+        turns = prompt.split("<|user|>")
+        last_user = turns[-1].split("<|end|>")[0] if len(turns) > 1 else ""
+        return f"You said: {last_user}"
+
+    def generate(self, prompt_ids: Sequence[int], params: GenParams, cancel: threading.Event) -> Iterator[Chunk]:
+        prompt = self.detokenize_with_specials(prompt_ids)
+        for _ in range(len(prompt_ids)):
+            if cancel.is_set():
+                yield Chunk("", "cancelled")
+                return
+            if self._script.prompt_delay_ms:
+                time.sleep(self._script.prompt_delay_ms / 1000)
+        if self._script.fail_on and self._script.fail_on in prompt:
+            raise InternalError(f"fake engine failure (prompt contains {self._script.fail_on!r})")
+        assembler = Utf8Assembler()
+        reply = self._reply(prompt).encode("utf-8")
+        for count, byte in enumerate(reply):
+            if cancel.is_set():
+                yield Chunk("", "cancelled")
+                return
+            if count >= params.max_tokens:
+                yield Chunk(assembler.flush(), "length")
+                return
+            if self._script.token_delay_ms:
+                time.sleep(self._script.token_delay_ms / 1000)
+            yield Chunk(assembler.feed(bytes([byte])))
+        yield Chunk(assembler.flush(), "stop")
+
+    @staticmethod
+    def detokenize_with_specials(ids: Sequence[int]) -> str:
+        out = bytearray()
+        for i in ids:
+            out.extend(SPECIALS[i - 256].encode() if i >= 256 else bytes([i]))
+        return out.decode("utf-8", errors="replace")

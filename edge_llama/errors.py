@@ -1,0 +1,95 @@
+"""One small error hierarchy with stable codes.
+
+Library code raises these; the daemon turns them into protocol `error` lines (the `code` is the wire code),
+the CLI into one clear message and a non-zero exit (`exit_code`). Codes are part of the protocol contract:
+never rename one.
+"""
+
+from __future__ import annotations
+
+
+class EdgeLlamaError(Exception):
+    """Base of every error edge-llama raises on purpose."""
+
+    code = "internal"
+    exit_code = 1
+
+    def __init__(self, message: str, *, retry_after_ms: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_ms = retry_after_ms
+
+
+# --- wire codes (protocol v1) -------------------------------------------------------------------------------
+class BadJson(EdgeLlamaError):
+    code = "bad_json"
+
+
+class BadRequest(EdgeLlamaError):
+    code = "bad_request"
+
+
+class TooLarge(EdgeLlamaError):
+    code = "too_large"
+
+
+class ContextOverflow(EdgeLlamaError):
+    code = "context_overflow"
+
+
+class Busy(EdgeLlamaError):
+    code = "busy"
+
+
+class Forbidden(EdgeLlamaError):
+    code = "forbidden"
+
+
+class SafetyBlocked(EdgeLlamaError):
+    code = "safety_blocked"
+
+
+class Unavailable(EdgeLlamaError):
+    """The daemon is not running, not ready, or shutting down."""
+
+    code = "unavailable"
+    exit_code = 3
+
+
+class Cancelled(EdgeLlamaError):
+    code = "cancelled"
+
+
+class InternalError(EdgeLlamaError):
+    code = "internal"
+
+
+# --- local codes (never on the wire) ------------------------------------------------------------------------
+class ConfigError(EdgeLlamaError):
+    code = "config"
+    exit_code = 2
+
+
+class ModelError(EdgeLlamaError):
+    """A model file is missing, unreadable, or of the wrong kind; or a backend library is absent."""
+
+    code = "model"
+    exit_code = 2
+
+
+class SocketInUse(EdgeLlamaError):
+    code = "socket_in_use"
+    exit_code = 2
+
+
+WIRE_ERRORS: dict[str, type[EdgeLlamaError]] = {
+    cls.code: cls
+    for cls in (BadJson, BadRequest, TooLarge, ContextOverflow, Busy, Forbidden, SafetyBlocked, Unavailable,
+                Cancelled, InternalError)
+}
+
+
+def from_wire(code: str, message: str, retry_after_ms: int | None = None) -> EdgeLlamaError:
+    """Rebuild the typed error a daemon sent as an `error` line (client side)."""
+    cls = WIRE_ERRORS.get(code, InternalError)
+    return cls(message, retry_after_ms=retry_after_ms)

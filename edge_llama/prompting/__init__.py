@@ -1,0 +1,1 @@
+"""Prompting: chat templates (rendered by us, sandboxed) and the KV-budget context policy."""

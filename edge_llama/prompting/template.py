@@ -1,0 +1,124 @@
+"""Chat templates: the model's own Jinja template, rendered in a sandbox, or a built-in one.
+
+The daemon renders prompts itself (not the backend) so that the token count, and so the KV budget, is exact and
+the same for every backend. Sources, in order: `engine.chat_template` from config (a built-in name, a .jinja file,
+or a tokenizer_config.json), else the model's own template (GGUF metadata / tokenizer_config.json), else the
+built-in Llama 3 format.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from edge_llama.engine.base import TemplateInfo
+from edge_llama.errors import ConfigError, ModelError
+from edge_llama.protocol import Message
+
+# The Llama 3 / 3.1 / 3.2 instruct format. Meta's tokenizer files for Llama 3.2 as shipped in some packages
+# carry no chat_template, so this one is ours: <|begin_of_text|> then, per message,
+# <|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>; the generation prompt opens an assistant header.
+LLAMA3 = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+    " + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+CHATML = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+BUILTIN = {"llama3": LLAMA3, "chatml": CHATML}
+
+
+class ChatTemplate:
+    def __init__(self, source: str, bos_token: str, eos_token: str, name: str = "model") -> None:
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        # HF renders chat templates with trim_blocks + lstrip_blocks; templates are written for that.
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        try:
+            self._template = env.from_string(source)
+        except TemplateError as exc:
+            raise ModelError(f"chat template '{name}' does not compile: {exc}") from exc
+        self.name = name
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        from jinja2 import TemplateError
+
+        try:
+            return self._template.render(
+                messages=[m.as_dict() for m in messages],
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+                tools=None,
+                date_string=datetime.now().strftime("%d %b %Y"),
+            )
+        except TemplateError as exc:
+            raise ModelError(f"chat template '{self.name}' failed to render: {exc}") from exc
+
+
+def _raise_exception(message: str) -> None:
+    from jinja2 import TemplateError
+
+    raise TemplateError(message)
+
+
+def template_for(configured: str | None, info: TemplateInfo) -> ChatTemplate:
+    """Pick the template: config's choice, else the model's own, else built-in llama3."""
+    if configured is None:
+        if info.template:
+            return ChatTemplate(info.template, info.bos_token, info.eos_token, name="model")
+        return ChatTemplate(LLAMA3, info.bos_token, info.eos_token, name="llama3")
+    if configured in BUILTIN:
+        return ChatTemplate(BUILTIN[configured], info.bos_token, info.eos_token, name=configured)
+    path = Path(configured).expanduser()
+    if path.name.endswith(".json"):
+        own = tokenizer_config_info(path)
+        if own.template is None:
+            raise ConfigError(f"engine.chat_template: {path} has no chat_template")
+        return ChatTemplate(own.template, own.bos_token or info.bos_token, own.eos_token or info.eos_token,
+                            name=str(path))
+    try:
+        source = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            f"engine.chat_template: '{configured}' is neither a built-in ({', '.join(BUILTIN)}) "
+            f"nor a readable file ({exc.strerror})"
+        ) from exc
+    return ChatTemplate(source, info.bos_token, info.eos_token, name=str(path))
+
+
+def tokenizer_config_info(path: Path) -> TemplateInfo:
+    """Template and special tokens from a Hugging Face tokenizer_config.json."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {path}: {exc}") from exc
+    template = data.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    return TemplateInfo(template=template, bos_token=_token_str(data.get("bos_token")),
+                        eos_token=_token_str(data.get("eos_token")))
+
+
+def _token_str(value: Any) -> str:
+    if isinstance(value, dict):  # {"content": "<|begin_of_text|>", "lstrip": false, ...}
+        value = value.get("content")
+    return value if isinstance(value, str) else ""

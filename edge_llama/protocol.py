@@ -1,0 +1,235 @@
+"""Wire protocol v1: newline-delimited JSON over a Unix stream socket, as typed messages.
+
+Requests are parsed into frozen dataclasses (or a typed `EdgeLlamaError` naming the problem); replies are built
+by the `*_event` functions and framed by `encode`. Nothing else in the package writes protocol JSON by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, Union
+
+from edge_llama.errors import BadJson, BadRequest, EdgeLlamaError, TooLarge
+
+VERSION = 1
+ROLES = ("system", "user", "assistant")
+MAX_ID_CHARS = 128
+MAX_SESSION_CHARS = 64
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    id: str
+    messages: tuple[Message, ...]
+    session: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stream: bool = True
+    op: Literal["chat"] = "chat"
+
+
+@dataclass(frozen=True)
+class SummarizeRequest:
+    id: str
+    text: str
+    max_tokens: int | None = None
+    style: Literal["paragraph", "bullets"] = "paragraph"
+    stream: bool = True
+    op: Literal["summarize"] = "summarize"
+
+
+@dataclass(frozen=True)
+class CancelRequest:
+    id: str
+    target: str
+    op: Literal["cancel"] = "cancel"
+
+
+@dataclass(frozen=True)
+class InfoRequest:
+    """`health` or `stats`: answered at once by one `done` line."""
+
+    id: str
+    op: Literal["health", "stats"]
+
+
+Request = Union[ChatRequest, SummarizeRequest, CancelRequest, InfoRequest]
+
+
+# --- parsing ---------------------------------------------------------------------------------------------------
+class RequestError(EdgeLlamaError):
+    """A parse failure that still knows the request id (when it could be read), so the reply can carry it."""
+
+    def __init__(self, cause: EdgeLlamaError, request_id: str | None) -> None:
+        super().__init__(cause.message)
+        self.cause = cause
+        self.code = cause.code
+        self.request_id = request_id
+
+
+def parse_request(line: bytes, max_messages: int) -> Request:
+    """Parse one request line (without its newline). Raises RequestError carrying the wire code and id."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(BadJson(f"request is not valid UTF-8 (byte {exc.start})"), None) from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RequestError(BadJson(f"request is not valid JSON: {exc.msg} at column {exc.colno}"), None) from None
+    if not isinstance(obj, dict):
+        raise RequestError(BadRequest("a request must be a JSON object"), None)
+    raw_id = obj.get("id")
+    request_id = raw_id if isinstance(raw_id, str) and 0 < len(raw_id) <= MAX_ID_CHARS else None
+    try:
+        return _parse_object(obj, max_messages)
+    except EdgeLlamaError as exc:
+        raise RequestError(exc, request_id) from None
+
+
+def _parse_object(obj: dict[str, Any], max_messages: int) -> Request:
+    request_id = _get(obj, "id", str, required=True)
+    if not 0 < len(request_id) <= MAX_ID_CHARS:
+        raise BadRequest(f"'id' must be 1 to {MAX_ID_CHARS} characters")
+    op = _get(obj, "op", str, required=True)
+    if op == "chat":
+        _only(obj, {"id", "op", "messages", "session", "max_tokens", "temperature", "top_p", "seed", "stream"})
+        return ChatRequest(
+            id=request_id,
+            messages=_messages(obj.get("messages"), max_messages),
+            session=_session(obj.get("session")),
+            max_tokens=_positive_int(obj, "max_tokens"),
+            temperature=_number(obj, "temperature", 0.0, 2.0),
+            top_p=_number(obj, "top_p", 0.0, 1.0, low_open=True),
+            seed=_get(obj, "seed", int),
+            stream=_get(obj, "stream", bool, default=True),
+        )
+    if op == "summarize":
+        _only(obj, {"id", "op", "text", "max_tokens", "style", "stream"})
+        text = _get(obj, "text", str, required=True)
+        if not text.strip():
+            raise BadRequest("'text' is empty")
+        style = _get(obj, "style", str, default="paragraph")
+        if style not in ("paragraph", "bullets"):
+            raise BadRequest("'style' must be 'paragraph' or 'bullets'")
+        return SummarizeRequest(id=request_id, text=text, max_tokens=_positive_int(obj, "max_tokens"),
+                                style=style, stream=_get(obj, "stream", bool, default=True))
+    if op == "cancel":
+        _only(obj, {"id", "op", "target"})
+        return CancelRequest(id=request_id, target=_get(obj, "target", str, required=True))
+    if op in ("health", "stats"):
+        _only(obj, {"id", "op"})
+        return InfoRequest(id=request_id, op=op)
+    raise BadRequest(f"unknown op {op!r}: expected chat, summarize, cancel, health or stats")
+
+
+_TYPE_NAMES = {str: "a string", int: "a whole number", bool: "true or false", list: "a list", float: "a number"}
+
+
+def _get(obj: dict[str, Any], key: str, kind: type, required: bool = False, default: Any = None) -> Any:
+    if key not in obj or obj[key] is None:
+        if required:
+            raise BadRequest(f"'{key}' is required")
+        return default
+    value = obj[key]
+    # bool is an int in Python: never accept true for a number or 1 for a flag.
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise BadRequest(f"'{key}' must be {_TYPE_NAMES[kind]}, got {type(value).__name__}")
+    return value
+
+
+def _only(obj: dict[str, Any], allowed: set[str]) -> None:
+    extra = sorted(set(obj) - allowed)
+    if extra:
+        raise BadRequest(f"unknown field '{extra[0]}' for op '{obj['op']}'")
+
+
+def _positive_int(obj: dict[str, Any], key: str) -> int | None:
+    value = _get(obj, key, int)
+    if value is not None and value < 1:
+        raise BadRequest(f"'{key}' must be at least 1")
+    return value
+
+
+def _number(obj: dict[str, Any], key: str, low: float, high: float, low_open: bool = False) -> float | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BadRequest(f"'{key}' must be a number")
+    if value > high or value < low or (low_open and value == low):
+        raise BadRequest(f"'{key}' must be in {'(' if low_open else '['}{low}, {high}]")
+    return float(value)
+
+
+def _session(value: Any) -> str | None:
+    if value is None:
+        return None
+    if (not isinstance(value, str) or not 0 < len(value) <= MAX_SESSION_CHARS
+            or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in value) or value.startswith(".")):
+        raise BadRequest(f"'session' must be 1 to {MAX_SESSION_CHARS} characters of A-Z a-z 0-9 - _ . "
+                         "(not starting with '.')")
+    return value
+
+
+def _messages(value: Any, max_messages: int) -> tuple[Message, ...]:
+    if not isinstance(value, list) or not value:
+        raise BadRequest("'messages' must be a non-empty list")
+    if len(value) > max_messages:
+        raise TooLarge(f"{len(value)} messages in one request; the limit is {max_messages}")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or set(m) - {"role", "content"}:
+            raise BadRequest(f"messages[{i}] must be an object with 'role' and 'content'")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise BadRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise BadRequest(f"messages[{i}].content must be a string")
+        out.append(Message(role, content))
+    if out[-1].role != "user":
+        raise BadRequest("the last message must be the user's")
+    return tuple(out)
+
+
+# --- replies ---------------------------------------------------------------------------------------------------
+def encode(event: dict[str, Any]) -> bytes:
+    """One reply line. ensure_ascii=False keeps non-ASCII text compact; the line is valid UTF-8."""
+    return (json.dumps(event, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+
+
+def token_event(request_id: str, text: str) -> dict[str, Any]:
+    return {"id": request_id, "event": "token", "text": text}
+
+
+def progress_event(request_id: str, done: int, total: int) -> dict[str, Any]:
+    return {"id": request_id, "event": "progress", "done": done, "total": total}
+
+
+def done_event(request_id: str, **fields: Any) -> dict[str, Any]:
+    """`done`: finish_reason, usage, timings, and optionally text / truncated / safety / info fields."""
+    return {"id": request_id, "event": "done", **{k: v for k, v in fields.items() if v is not None}}
+
+
+def error_event(request_id: str | None, error: EdgeLlamaError) -> dict[str, Any]:
+    event: dict[str, Any] = {"id": request_id, "event": "error", "code": error.code, "message": error.message}
+    if error.retry_after_ms is not None:
+        event["retry_after_ms"] = error.retry_after_ms
+    return event
+
+
+def too_large_line(max_line_bytes: int) -> TooLarge:
+    return TooLarge(f"request line longer than {max_line_bytes} bytes; it was discarded")

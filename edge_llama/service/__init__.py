@@ -1,0 +1,1 @@
+"""The daemon: asyncio Unix-socket server, scheduler, sessions, summarization and lifecycle."""

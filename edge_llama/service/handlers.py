@@ -1,0 +1,147 @@
+"""What each request op does: chat (with sessions and the context policy), health and stats.
+
+Handlers raise `EdgeLlamaError`s; the server turns them into `error` lines. A handler that returns has sent
+exactly one `done` line.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge_llama import __version__
+from edge_llama.config import Config
+from edge_llama.engine.base import GenParams
+from edge_llama.errors import BadRequest
+from edge_llama.prompting.context import FittedPrompt, fit_prompt
+from edge_llama.prompting.template import ChatTemplate
+from edge_llama.protocol import ChatRequest, InfoRequest, Message, done_event, token_event
+from edge_llama.service.scheduler import CancelToken, Outcome, Scheduler
+from edge_llama.service.sessions import SessionStore
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+@dataclass
+class Stats:
+    started: float = field(default_factory=time.monotonic)
+    requests: Counter[str] = field(default_factory=Counter)  # by op
+    errors: Counter[str] = field(default_factory=Counter)  # by code
+    finish: Counter[str] = field(default_factory=Counter)  # by finish_reason
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    last_timings: dict[str, float] = field(default_factory=dict)
+
+    def record(self, prompt_tokens: int, outcome: Outcome, timings: dict[str, float]) -> None:
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += outcome.completion_tokens
+        self.finish[outcome.finish] += 1
+        self.last_timings = timings
+
+
+class Handlers:
+    def __init__(self, config: Config, scheduler: Scheduler, template: ChatTemplate, sessions: SessionStore) -> None:
+        self.config = config
+        self.scheduler = scheduler
+        self.engine = scheduler.engine
+        self.template = template
+        self.sessions = sessions
+        self.stats = Stats()
+        self.state = "starting"
+
+    # --- shared by chat and summarize ----------------------------------------------------------------------
+    def reply_budget(self, requested: int | None, default: int) -> int:
+        ceiling = self.config.generation.max_tokens_ceiling
+        if requested is not None and requested > ceiling:
+            raise BadRequest(f"max_tokens {requested} is above this daemon's ceiling of {ceiling}")
+        return requested or default
+
+    def fit(self, messages: list[Message] | tuple[Message, ...], reserve: int) -> FittedPrompt:
+        return fit_prompt(self.template, self.engine.tokenize, messages, reserve, self.engine.capacity.kv_tokens)
+
+    async def run(
+        self, prompt: FittedPrompt, params: GenParams, cancel: CancelToken, received: float,
+        on_token: Callable[[str], Awaitable[None]] | None,
+    ) -> tuple[Outcome, dict[str, float]]:
+        """One engine turn; returns the outcome and the request's timings for `done`."""
+        async with self.scheduler.turn(cancel):
+            queue_ms = (time.monotonic() - received) * 1000
+            outcome = await self.scheduler.generate(prompt.ids, params, cancel, on_token)
+        timings = {"queue_ms": round(queue_ms, 2), "ttft_ms": outcome.ttft_ms, "decode_tok_s": outcome.decode_tok_s}
+        self.stats.record(len(prompt.ids), outcome, timings)
+        return outcome, timings
+
+    # --- chat ----------------------------------------------------------------------------------------------
+    async def chat(self, req: ChatRequest, cancel: CancelToken, received: float, send: Send) -> None:
+        gen = self.config.generation
+        max_tokens = self.reply_budget(req.max_tokens, gen.max_tokens)
+        params = GenParams(
+            max_tokens=max_tokens,
+            temperature=gen.temperature if req.temperature is None else req.temperature,
+            top_p=gen.top_p if req.top_p is None else req.top_p,
+            seed=req.seed,
+        )
+        if req.session is None:
+            await self._chat_turn(req, list(req.messages), params, cancel, received, send)
+            return
+        async with self.sessions.lock(req.session):
+            history = self.sessions.load(req.session)
+            new_system = [m for m in req.messages if m.role == "system"]
+            if new_system:  # a system message sent to a session replaces the stored one
+                history = [m for m in history if m.role != "system"]
+            others = [m for m in req.messages if m.role != "system"]
+            conversation = new_system + history + others
+            reply, finish = await self._chat_turn(req, conversation, params, cancel, received, send)
+            if reply:  # a turn whose answer was cancelled before any text is not kept
+                self.sessions.save(req.session, conversation + [Message("assistant", reply)])
+
+    async def _chat_turn(
+        self, req: ChatRequest, conversation: list[Message], params: GenParams, cancel: CancelToken,
+        received: float, send: Send,
+    ) -> tuple[str, str]:
+        system_prompt = self.config.generation.system_prompt
+        if system_prompt and (not conversation or conversation[0].role != "system"):
+            conversation = [Message("system", system_prompt)] + conversation
+        prompt = self.fit(conversation, params.max_tokens)
+
+        async def stream(text: str) -> None:
+            await send(token_event(req.id, text))
+
+        outcome, timings = await self.run(prompt, params, cancel, received, stream if req.stream else None)
+        await send(done_event(
+            req.id,
+            text=None if req.stream else outcome.text,
+            finish_reason=outcome.finish,
+            usage={"prompt_tokens": len(prompt.ids), "completion_tokens": outcome.completion_tokens},
+            timings=timings,
+            truncated=prompt.truncated,
+            session=req.session,
+        ))
+        return outcome.text, outcome.finish
+
+    # --- health / stats ------------------------------------------------------------------------------------
+    def info(self, req: InfoRequest) -> dict[str, Any]:
+        cap = self.engine.capacity
+        base: dict[str, Any] = {
+            "state": self.state,
+            "version": __version__,
+            "protocol": 1,
+            "backend": self.engine.name,
+            "model": self.engine.model_name,
+            "kv_tokens": cap.kv_tokens,
+            "max_seq_len": cap.max_seq_len,
+            "queue": {"admitted": self.scheduler.admitted, "waiting": self.scheduler.waiting,
+                      "limit": self.scheduler.max_queue + 1},
+            "uptime_s": round(time.monotonic() - self.stats.started, 1),
+        }
+        if req.op == "stats":
+            s = self.stats
+            base.update(
+                requests=dict(s.requests), errors=dict(s.errors), finish_reasons=dict(s.finish),
+                tokens={"prompt": s.prompt_tokens, "completion": s.completion_tokens},
+                last_timings=s.last_timings, template=self.template.name,
+            )
+        return done_event(req.id, **base)

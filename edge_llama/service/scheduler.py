@@ -1,0 +1,206 @@
+"""Admission control and first-come access to the one engine, and the thread bridge that streams from it.
+
+- `admit()` is called as a request arrives: beyond one running job and `max_queue` waiting ones it raises `busy`
+  at once with a retry estimate, so a client never hangs on an overloaded device.
+- `turn()` waits, first come first served, until the engine is free. A summarization job takes one turn per
+  engine call, so chats interleave with a long summary instead of waiting for all of it.
+- `generate()` runs the engine's blocking generator on the single engine thread and hands each chunk to the
+  event loop as it comes (one loop wake-up per token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from edge_llama.engine.base import Chunk, Engine, GenParams
+from edge_llama.errors import Busy, Cancelled, EdgeLlamaError, InternalError, Unavailable
+
+T = TypeVar("T")
+
+
+@dataclass
+class Outcome:
+    """One finished engine call, with its timings (ms, tokens per second) measured on the event loop."""
+
+    text: str
+    finish: str
+    completion_tokens: int
+    ttft_ms: float  # engine start -> first token
+    decode_tok_s: float  # tokens after the first / time from first to last token
+
+
+class CancelToken:
+    """Cancellation of one request: a threading.Event for the engine thread, an asyncio.Event for waits.
+
+    `cancel()` is called on the event loop only; the first call's error is what a still-waiting request
+    answers (a running one ends with finish_reason "cancelled").
+    """
+
+    def __init__(self) -> None:
+        self.flag = threading.Event()
+        self._event = asyncio.Event()
+        self.error: EdgeLlamaError = Cancelled("cancelled")
+
+    def cancel(self, error: EdgeLlamaError) -> None:
+        if not self.flag.is_set():
+            self.error = error
+            self.flag.set()
+            self._event.set()
+
+    def is_set(self) -> bool:
+        return self.flag.is_set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+class Admission:
+    """A place in the daemon's bounded work set; released exactly once when the request ends."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self._scheduler = scheduler
+        self._released = False
+        self.started = time.monotonic()
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._scheduler._finished(time.monotonic() - self.started)
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, max_queue: int) -> None:
+        self.engine = engine
+        self.max_queue = max_queue
+        self.accepting = True
+        self.admitted = 0  # requests admitted and not finished (running or waiting)
+        self.running = 0  # engine turns in progress (0 or 1)
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._avg_request_s = 1.0  # exponential moving average, for retry_after_ms
+
+    # --- admission -----------------------------------------------------------------------------------------
+    def admit(self) -> Admission:
+        if not self.accepting:
+            raise Unavailable("the daemon is shutting down")
+        if self.admitted >= self.max_queue + 1:
+            retry_ms = int(1000 * self._avg_request_s * max(1, self.admitted - 1))
+            raise Busy(
+                f"{self.admitted} requests are running or queued (limit {self.max_queue + 1}); retry later",
+                retry_after_ms=max(100, retry_ms),
+            )
+        self.admitted += 1
+        return Admission(self)
+
+    def _finished(self, seconds: float) -> None:
+        self.admitted -= 1
+        self._avg_request_s = 0.8 * self._avg_request_s + 0.2 * seconds
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    # --- engine turns ------------------------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def turn(self, cancel: CancelToken) -> AsyncIterator[None]:
+        """Hold the engine for the body. Raises the token's error if it is cancelled while waiting."""
+        if self.running or self._waiters:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            cancelled = asyncio.ensure_future(cancel.wait())
+            try:
+                await asyncio.wait({waiter, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+                if cancel.is_set():
+                    raise cancel.error
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._hand_over()  # given the turn as it was cancelled: pass it on
+                else:
+                    self._waiters.remove(waiter)
+                    waiter.cancel()
+                raise
+            finally:
+                cancelled.cancel()
+        else:
+            self.running = 1
+        try:
+            yield
+        finally:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # `running` stays 1: the turn passes straight to the next waiter
+                return
+        self.running = 0
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking engine call (load, warm-up) on the engine thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def generate(
+        self,
+        prompt_ids: Sequence[int],
+        params: GenParams,
+        cancel: CancelToken,
+        on_token: Callable[[str], Awaitable[None]] | None = None,
+    ) -> Outcome:
+        """Run one generation (inside a `turn()`); `on_token` gets each non-empty text piece as it is made."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
+
+        def produce() -> None:
+            try:
+                for chunk in self.engine.generate(prompt_ids, params, cancel.flag):
+                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
+            except BaseException as exc:  # handed to the loop, raised there
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+
+        start = time.monotonic()
+        first = last = 0.0
+        pieces: list[str] = []
+        tokens = 0
+        finished = False
+        future = loop.run_in_executor(self._executor, produce)
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    if isinstance(item, EdgeLlamaError):
+                        raise item
+                    raise InternalError(f"engine failed: {type(item).__name__}: {item}") from item
+                if item.finish is None:
+                    tokens += 1
+                    last = time.monotonic()
+                    if tokens == 1:
+                        first = last
+                if item.text:
+                    pieces.append(item.text)
+                    if on_token is not None:
+                        await on_token(item.text)
+                if item.finish is not None:
+                    finished = True
+                    break
+        finally:
+            if not finished:  # the consumer failed or was cancelled: stop the engine within one token
+                cancel.cancel(Cancelled("generation abandoned"))
+            # The engine thread must be idle before the turn passes on; shield so a second cancel cannot
+            # abandon the wait.
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(future)
+        ttft_ms = (first - start) * 1000 if tokens else 0.0
+        decode = (tokens - 1) / (last - first) if tokens > 1 and last > first else 0.0
+        return Outcome("".join(pieces), item.finish, tokens, round(ttft_ms, 2), round(decode, 2))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)

