@@ -54,22 +54,22 @@ def _request(args: argparse.Namespace, text: str, first: bool) -> dict[str, Any]
 def stream_answer(client: Client, request: dict[str, Any]) -> str:
     """Print the streamed answer; Ctrl-C cancels it on the daemon. Returns the finish reason."""
     request_id = client.send(request)
-    events = client.events(request_id)
     finish = "stop"
     while True:
         try:
-            for event in events:
-                if event["event"] == "token":
-                    sys.stdout.write(event["text"])
-                    sys.stdout.flush()
-                elif event["event"] == "done":
-                    finish = event["finish_reason"]
-                    if event.get("truncated"):
-                        t = event["truncated"]
-                        sys.stderr.write(f"\n[context full: the {t['messages']} oldest messages were left out]")
-            break
+            event = client.next_event(request_id)  # not a generator: it must survive a KeyboardInterrupt
         except KeyboardInterrupt:
             client.send({"op": "cancel", "target": request_id})
+            continue
+        if event["event"] == "token":
+            sys.stdout.write(event["text"])
+            sys.stdout.flush()
+        elif event["event"] == "done":
+            finish = event["finish_reason"]
+            if event.get("truncated"):
+                t = event["truncated"]
+                sys.stderr.write(f"\n[context full: the {t['messages']} oldest messages were left out]")
+            break
     sys.stdout.write("\n")
     if finish == "cancelled":
         sys.stderr.write("[answer stopped]\n")

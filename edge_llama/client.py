@@ -56,14 +56,20 @@ class Client:
         line, self._buf = self._buf.split(b"\n", 1)
         return json.loads(line)
 
-    def events(self, request_id: str) -> Iterator[dict[str, Any]]:
-        """Events of one request up to and including its `done`; an `error` line is raised as its typed error."""
+    def next_event(self, request_id: str) -> dict[str, Any]:
+        """The next event of one request (others are skipped); an `error` line is raised as its typed error."""
         while True:
             event = self.read_event()
             if event.get("id") != request_id:
                 continue
             if event["event"] == "error":
                 raise from_wire(event["code"], event["message"], event.get("retry_after_ms"))
+            return event
+
+    def events(self, request_id: str) -> Iterator[dict[str, Any]]:
+        """Events of one request up to and including its `done`."""
+        while True:
+            event = self.next_event(request_id)
             yield event
             if event["event"] == "done":
                 return

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from edge_llama.errors import BadJson, BadRequest, EdgeLlamaError, TooLarge
 
@@ -66,7 +66,7 @@ class InfoRequest:
     op: Literal["health", "stats"]
 
 
-Request = Union[ChatRequest, SummarizeRequest, CancelRequest, InfoRequest]
+Request = ChatRequest | SummarizeRequest | CancelRequest | InfoRequest
 
 
 # --- parsing ---------------------------------------------------------------------------------------------------

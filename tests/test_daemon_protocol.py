@@ -11,8 +11,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import Daemons, chat, fake_config
+
 from edge_llama.client import Client
 from edge_llama.errors import Busy, ContextOverflow, Unavailable
 
@@ -48,7 +48,7 @@ def test_bad_lines_get_errors_and_the_connection_stays_usable(daemons: Daemons) 
     lines = raw_lines(d.socket, b"{nope\n" + b'{"id":"u","op":"health","x":"\xff"}\n' + big
                       + b'{"id":"t","op":"chat","messages":"hi"}\n' + b'{"id":"o","op":"fly"}\n'
                       + b'{"id":"h","op":"health"}\n', 6)
-    assert [(l["id"], l.get("code")) for l in lines] == [
+    assert [(line["id"], line.get("code")) for line in lines] == [
         (None, "bad_json"), (None, "bad_json"), (None, "too_large"), ("t", "bad_request"), ("o", "bad_request"),
         ("h", None)]
     assert lines[5]["event"] == "done" and lines[5]["state"] == "ready"

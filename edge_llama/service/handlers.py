@@ -87,32 +87,18 @@ class Handlers:
             seed=req.seed,
         )
         if req.session is None:
-            await self._chat_turn(req, list(req.messages), params, cancel, received, send)
-            return
-        async with self.sessions.lock(req.session):
-            history = self.sessions.load(req.session)
-            new_system = [m for m in req.messages if m.role == "system"]
-            if new_system:  # a system message sent to a session replaces the stored one
-                history = [m for m in history if m.role != "system"]
-            others = [m for m in req.messages if m.role != "system"]
-            conversation = new_system + history + others
-            reply, finish = await self._chat_turn(req, conversation, params, cancel, received, send)
-            if reply:  # a turn whose answer was cancelled before any text is not kept
-                self.sessions.save(req.session, conversation + [Message("assistant", reply)])
-
-    async def _chat_turn(
-        self, req: ChatRequest, conversation: list[Message], params: GenParams, cancel: CancelToken,
-        received: float, send: Send,
-    ) -> tuple[str, str]:
-        system_prompt = self.config.generation.system_prompt
-        if system_prompt and (not conversation or conversation[0].role != "system"):
-            conversation = [Message("system", system_prompt)] + conversation
-        prompt = self.fit(conversation, params.max_tokens)
-
-        async def stream(text: str) -> None:
-            await send(token_event(req.id, text))
-
-        outcome, timings = await self.run(prompt, params, cancel, received, stream if req.stream else None)
+            prompt, outcome, timings = await self._reply(req, list(req.messages), params, cancel, received, send)
+        else:
+            async with self.sessions.lock(req.session):
+                history = self.sessions.load(req.session)
+                new_system = [m for m in req.messages if m.role == "system"]
+                if new_system:  # a system message sent to a session replaces the stored one
+                    history = [m for m in history if m.role != "system"]
+                others = [m for m in req.messages if m.role != "system"]
+                conversation = new_system + history + others
+                prompt, outcome, timings = await self._reply(req, conversation, params, cancel, received, send)
+                if outcome.text:  # saved before `done`: a client that saw `done` can rely on it, even after a crash
+                    self.sessions.save(req.session, conversation + [Message("assistant", outcome.text)])
         await send(done_event(
             req.id,
             text=None if req.stream else outcome.text,
@@ -122,7 +108,21 @@ class Handlers:
             truncated=prompt.truncated,
             session=req.session,
         ))
-        return outcome.text, outcome.finish
+
+    async def _reply(
+        self, req: ChatRequest, conversation: list[Message], params: GenParams, cancel: CancelToken,
+        received: float, send: Send,
+    ) -> tuple[FittedPrompt, Outcome, dict[str, float]]:
+        system_prompt = self.config.generation.system_prompt
+        if system_prompt and (not conversation or conversation[0].role != "system"):
+            conversation = [Message("system", system_prompt)] + conversation
+        prompt = self.fit(conversation, params.max_tokens)
+
+        async def stream(text: str) -> None:
+            await send(token_event(req.id, text))
+
+        outcome, timings = await self.run(prompt, params, cancel, received, stream if req.stream else None)
+        return prompt, outcome, timings
 
     # --- health / stats ------------------------------------------------------------------------------------
     def info(self, req: InfoRequest) -> dict[str, Any]:

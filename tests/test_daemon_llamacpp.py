@@ -1,0 +1,71 @@
+"""The real daemon with the real llama.cpp backend and the embedded model, through the real socket."""
+
+from __future__ import annotations
+
+import signal
+from importlib.resources import files
+
+import pytest
+from conftest import Daemons, chat
+
+from edge_llama.client import Client
+from edge_llama.errors import ContextOverflow
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (pip install 'edge-llama[cpu]')")
+
+REAL = {"engine": {"kv_tokens": 1024}}
+
+
+def test_streamed_answer_equals_non_streamed(daemons: Daemons) -> None:
+    d = daemons.start(REAL)
+    with Client(d.socket) as c:
+        streamed, done, events = chat(c, "What is the largest planet?", temperature=0, max_tokens=40)
+        whole = c.call({"op": "chat", "messages": [{"role": "user", "content": "What is the largest planet?"}],
+                        "temperature": 0, "max_tokens": 40, "stream": False})
+    tokens = [e for e in events if e["event"] == "token"]
+    assert len(tokens) > 3 and streamed.strip()
+    assert whole["text"] == streamed
+    assert done["usage"]["completion_tokens"] == whole["usage"]["completion_tokens"] <= 40
+    assert done["timings"]["ttft_ms"] > 0 and done["timings"]["decode_tok_s"] > 0
+    assert "planet" in streamed.lower()
+
+
+def test_session_survives_restart_and_sigkill(daemons: Daemons) -> None:
+    d = daemons.start(REAL)
+    with Client(d.socket) as c:
+        chat(c, "My name is Ana and my dog is called Pixel.", session="s1", temperature=0, max_tokens=30)
+    d.stop(sig=signal.SIGKILL)  # no chance to clean up: the session must already be on disk
+    d2 = daemons.start(REAL)  # the stale socket left by SIGKILL is replaced
+    with Client(d2.socket) as c:
+        _, done, _ = chat(c, "What is my dog called?", session="s1", temperature=0, max_tokens=30)
+        assert done["usage"]["prompt_tokens"] > 40  # the first exchange is in the prompt again
+        stored = (daemons.workdir / "state" / "sessions" / "s1.json").read_text()
+    assert "Pixel" in stored and "What is my dog called?" in stored
+
+
+def test_long_history_is_truncated_not_refused(daemons: Daemons) -> None:
+    d = daemons.start({"engine": {"kv_tokens": 256}})
+    with Client(d.socket) as c:
+        for i in range(6):
+            _, done, _ = chat(c, f"Fact {i}: the number {i} is interesting. Tell me why briefly.", session="long",
+                              temperature=0, max_tokens=48)
+        assert done["truncated"]["messages"] >= 2
+        assert done["usage"]["prompt_tokens"] + 48 <= 256
+        with pytest.raises(ContextOverflow):
+            chat(c, "word " * 300, session="long")
+
+
+def test_summarize_text_ten_times_the_kv_budget(daemons: Daemons) -> None:
+    kv = 384
+    d = daemons.start({"engine": {"kv_tokens": kv}, "summarize": {"summary_tokens": 48}})
+    sample = files("edge_llama").joinpath("data/sample.txt").read_text(encoding="utf-8")
+    text = "\n\n".join(f"Part {i}.\n\n{sample}" for i in range(7))
+    with Client(d.socket) as c:
+        events = list(c.events(c.send({"op": "summarize", "text": text, "max_tokens": 64})))
+    progress = [e for e in events if e["event"] == "progress"]
+    done = events[-1]
+    assert done["event"] == "done" and done["finish_reason"] in ("stop", "length")
+    assert done["usage"]["prompt_tokens"] >= 10 * kv  # the document really was far larger than the budget
+    assert done["chunks"] >= 10
+    assert [p["done"] for p in progress] == list(range(done["chunks"] + 2))
+    assert "".join(e["text"] for e in events if e["event"] == "token").strip()
