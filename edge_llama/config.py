@@ -51,6 +51,7 @@ class ServerConfig:
     max_messages: int = 64  # messages in one chat request
     max_queue: int = 4  # requests admitted but waiting for the engine; more get `busy`
     max_session_messages: int = 200  # stored history per session (oldest pairs dropped beyond)
+    stream_interval_ms: float = 20.0  # streamed text is sent at most this often (first token at once); 0 = per token
     shutdown_grace_s: float = 10.0  # SIGTERM: running requests may finish within this, then are cancelled
     warmup: bool = True  # one tiny generation before accepting requests
 
@@ -181,6 +182,7 @@ def _checked(config: Config) -> Config:
         ("server.max_queue", s.max_queue >= 0, "must not be negative"),
         ("server.max_session_messages", s.max_session_messages >= 2, "must be at least 2"),
         ("server.shutdown_grace_s", s.shutdown_grace_s >= 0, "must not be negative"),
+        ("server.stream_interval_ms", 0 <= s.stream_interval_ms <= 1000, "must be between 0 and 1000"),
         ("generation.max_tokens", 1 <= g.max_tokens <= g.max_tokens_ceiling,
          "must be between 1 and generation.max_tokens_ceiling"),
         ("generation.temperature", 0.0 <= g.temperature <= 2.0, "must be between 0 and 2"),

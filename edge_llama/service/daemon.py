@@ -56,7 +56,7 @@ class Daemon:
         self._check_socket_free()
 
         engine = create_engine(self.config.engine)
-        scheduler = Scheduler(engine, self.config.server.max_queue)
+        scheduler = Scheduler(engine, self.config.server.max_queue, self.config.server.stream_interval_ms)
         started = time.monotonic()
         try:
             await scheduler.call(engine.load)

@@ -4,8 +4,8 @@
   at once with a retry estimate, so a client never hangs on an overloaded device.
 - `turn()` waits, first come first served, until the engine is free. A summarization job takes one turn per
   engine call, so chats interleave with a long summary instead of waiting for all of it.
-- `generate()` runs the engine's blocking generator on the single engine thread and hands each chunk to the
-  event loop as it comes (one loop wake-up per token).
+- `generate()` runs the engine's blocking generator on the single engine thread and hands its chunks to the
+  event loop: the first token at once, then at most one wake-up per server.stream_interval_ms.
 """
 
 from __future__ import annotations
@@ -35,6 +35,41 @@ class Outcome:
     completion_tokens: int
     ttft_ms: float  # engine start -> first token
     decode_tok_s: float  # tokens after the first / time from first to last token
+
+
+class _Bridge:
+    """Hands chunks from the engine thread to the event loop, waking the loop at most once per `interval_s`
+    (the first token, the end and errors at once). On a small device every loop wake-up, JSON line and socket
+    write competes with the engine's own threads for the same cores; 50 updates a second read as smooth."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval_s: float) -> None:
+        self._loop = loop
+        self._interval_s = interval_s
+        self._lock = threading.Lock()
+        self._pending: list[Chunk | BaseException] = []
+        self._wake_pending = False
+        self._last_wake = 0.0
+        self._ready = asyncio.Event()
+
+    def put(self, item: Chunk | BaseException, urgent: bool) -> None:
+        """Engine thread."""
+        with self._lock:
+            self._pending.append(item)
+            now = time.monotonic()
+            if self._wake_pending or (not urgent and now - self._last_wake < self._interval_s):
+                return
+            self._wake_pending = True
+            self._last_wake = now
+        self._loop.call_soon_threadsafe(self._ready.set)
+
+    async def take(self) -> list[Chunk | BaseException]:
+        """Event loop: everything handed over since the last take (possibly nothing after a stale wake-up)."""
+        await self._ready.wait()
+        with self._lock:
+            items, self._pending = self._pending, []
+            self._wake_pending = False
+            self._ready.clear()
+        return items
 
 
 class CancelToken:
@@ -77,8 +112,9 @@ class Admission:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_queue: int) -> None:
+    def __init__(self, engine: Engine, max_queue: int, stream_interval_ms: float = 0.0) -> None:
         self.engine = engine
+        self.stream_interval_s = stream_interval_ms / 1000
         self.max_queue = max_queue
         self.accepting = True
         self.admitted = 0  # requests admitted and not finished (running or waiting)
@@ -155,52 +191,56 @@ class Scheduler:
         cancel: CancelToken,
         on_token: Callable[[str], Awaitable[None]] | None = None,
     ) -> Outcome:
-        """Run one generation (inside a `turn()`); `on_token` gets each non-empty text piece as it is made."""
+        """Run one generation (inside a `turn()`); `on_token` gets the text made since its last call."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
+        bridge = _Bridge(loop, self.stream_interval_s)
+        clock = {"start": time.monotonic(), "first": 0.0, "last": 0.0}  # written by the engine thread
 
         def produce() -> None:
+            tokens = 0
             try:
                 for chunk in self.engine.generate(prompt_ids, params, cancel.flag):
-                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
+                    if chunk.finish is None:
+                        clock["last"] = time.monotonic()
+                        tokens += 1
+                        if tokens == 1:
+                            clock["first"] = clock["last"]
+                    bridge.put(chunk, urgent=tokens <= 1 or chunk.finish is not None)
             except BaseException as exc:  # handed to the loop, raised there
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
+                bridge.put(exc, urgent=True)
 
-        start = time.monotonic()
-        first = last = 0.0
         pieces: list[str] = []
         tokens = 0
-        finished = False
+        finish: str | None = None
         future = loop.run_in_executor(self._executor, produce)
         try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    if isinstance(item, EdgeLlamaError):
-                        raise item
-                    raise InternalError(f"engine failed: {type(item).__name__}: {item}") from item
-                if item.finish is None:
-                    tokens += 1
-                    last = time.monotonic()
-                    if tokens == 1:
-                        first = last
-                if item.text:
-                    pieces.append(item.text)
+            while finish is None:
+                batch = await bridge.take()
+                text = []
+                for item in batch:
+                    if isinstance(item, BaseException):
+                        if isinstance(item, EdgeLlamaError):
+                            raise item
+                        raise InternalError(f"engine failed: {type(item).__name__}: {item}") from item
+                    tokens += item.finish is None
+                    text.append(item.text)
+                    finish = item.finish
+                piece = "".join(text)
+                if piece:
+                    pieces.append(piece)
                     if on_token is not None:
-                        await on_token(item.text)
-                if item.finish is not None:
-                    finished = True
-                    break
+                        await on_token(piece)
         finally:
-            if not finished:  # the consumer failed or was cancelled: stop the engine within one token
+            if finish is None:  # the consumer failed or was cancelled: stop the engine within one token
                 cancel.cancel(Cancelled("generation abandoned"))
             # The engine thread must be idle before the turn passes on; shield so a second cancel cannot
             # abandon the wait.
             with contextlib.suppress(BaseException):
                 await asyncio.shield(future)
-        ttft_ms = (first - start) * 1000 if tokens else 0.0
+        first, last = clock["first"], clock["last"]
+        ttft_ms = (first - clock["start"]) * 1000 if tokens else 0.0
         decode = (tokens - 1) / (last - first) if tokens > 1 and last > first else 0.0
-        return Outcome("".join(pieces), item.finish, tokens, round(ttft_ms, 2), round(decode, 2))
+        return Outcome("".join(pieces), finish, tokens, round(ttft_ms, 2), round(decode, 2))
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

@@ -1,0 +1,131 @@
+"""What the daemon costs over calling the backend directly: the same prompts through the Unix socket and straight
+into the llama.cpp engine, alternating, in one run.
+
+Both sides use the same model, thread count, KV budget, template and greedy decoding, so they produce the same
+tokens (checked). Each prompt is new to both KV caches. Client-side timings for the socket: TTFT from sending
+the request line to the first token line; decode rate from the first to the last token line.
+
+Last line: one JSON object with decode_ratio (socket decode tok/s / direct, medians) and ttft_added_ms (p50 of the
+per-prompt difference). Targets: decode_ratio >= 0.97, ttft_added_ms <= 5.
+
+    .venv/bin/python tools/bench/overhead.py [--prompts 8] [--max-tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from edge_llama.client import Client
+from edge_llama.config import EngineConfig
+from edge_llama.engine.base import GenParams
+from edge_llama.engine.llamacpp import LlamaCppEngine
+from edge_llama.launch import DaemonProcess
+from edge_llama.prompting.template import template_for
+from edge_llama.protocol import Message
+
+TOPICS = ["a lighthouse keeper", "a robot learning to paint", "the first day of spring", "a lost umbrella",
+          "a city under the sea", "an old clock", "a chess match", "a train at night", "a mountain village",
+          "a letter never sent", "the last bookshop", "a friendly dragon"]
+KV_TOKENS = 2048
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def via_socket(client: Client, text: str, max_tokens: int) -> dict:
+    sent = time.perf_counter()
+    rid = client.send({"op": "chat", "messages": [{"role": "user", "content": text}], "temperature": 0,
+                       "max_tokens": max_tokens})
+    first = last = 0.0
+    pieces = []
+    for event in client.events(rid):
+        if event["event"] == "token":
+            last = time.perf_counter()
+            first = first or last
+            pieces.append(event["text"])
+        elif event["event"] == "done":
+            n = event["usage"]["completion_tokens"]
+    return {"ttft_ms": (first - sent) * 1000, "decode_tok_s": (n - 1) / (last - first), "tokens": n,
+            "text": "".join(pieces)}
+
+
+def direct(engine: LlamaCppEngine, template, text: str, max_tokens: int) -> dict:  # type: ignore[no-untyped-def]
+    ids = engine.tokenize(template.render([Message("user", text)]))
+    start = time.perf_counter()
+    first = last = 0.0
+    n = 0
+    pieces = []
+    for chunk in engine.generate(ids, GenParams(max_tokens=max_tokens, temperature=0.0), threading.Event()):
+        if chunk.finish is None:
+            n += 1
+            last = time.perf_counter()
+            first = first or last
+        pieces.append(chunk.text)
+    return {"ttft_ms": (first - start) * 1000, "decode_tok_s": (n - 1) / (last - first), "tokens": n,
+            "text": "".join(pieces)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="el-bench-", dir="/tmp"))
+    daemon = DaemonProcess(workdir / "s.sock", ["--state-dir", str(workdir / "state"), "--kv-tokens", str(KV_TOKENS)],
+                           log=workdir / "daemon.log")
+    engine = LlamaCppEngine(EngineConfig(kv_tokens=KV_TOKENS))
+    engine.load()
+    template = template_for(None, engine.template_info)
+    rows = []
+    try:
+        daemon.wait_ready()
+        with Client(daemon.socket) as client:
+            via_socket(client, "Warm up.", 8)
+            direct(engine, template, "Warm up.", 8)
+            for i in range(args.prompts):
+                text = f"Write a long story about {TOPICS[i % len(TOPICS)]}."
+                order = ("socket", "direct") if i % 2 == 0 else ("direct", "socket")
+                result = {}
+                for side in order:
+                    time.sleep(0.3)  # let the other side's threads go idle
+                    result[side] = (via_socket(client, text, args.max_tokens) if side == "socket"
+                                    else direct(engine, template, text, args.max_tokens))
+                rows.append(result)
+                print(f"prompt {i}: socket {result['socket']['decode_tok_s']:.1f} tok/s "
+                      f"ttft {result['socket']['ttft_ms']:.1f} ms | direct {result['direct']['decode_tok_s']:.1f} "
+                      f"tok/s ttft {result['direct']['ttft_ms']:.1f} ms | tokens {result['socket']['tokens']}",
+                      file=sys.stderr)
+    finally:
+        daemon.stop()
+        engine.close()
+
+    socket_decode = statistics.median(r["socket"]["decode_tok_s"] for r in rows)
+    direct_decode = statistics.median(r["direct"]["decode_tok_s"] for r in rows)
+    added = [r["socket"]["ttft_ms"] - r["direct"]["ttft_ms"] for r in rows]
+    print(json.dumps({
+        "decode_ratio": round(socket_decode / direct_decode, 4),
+        "ttft_added_ms": round(percentile(added, 0.5), 2),
+        "ttft_added_p90_ms": round(percentile(added, 0.9), 2),
+        "socket_decode_tok_s": round(socket_decode, 1),
+        "direct_decode_tok_s": round(direct_decode, 1),
+        "socket_ttft_ms_p50": round(percentile([r["socket"]["ttft_ms"] for r in rows], 0.5), 1),
+        "direct_ttft_ms_p50": round(percentile([r["direct"]["ttft_ms"] for r in rows], 0.5), 1),
+        "same_tokens": all(r["socket"]["text"] == r["direct"]["text"] for r in rows),
+        "prompts": len(rows), "max_tokens": args.max_tokens, "kv_tokens": KV_TOKENS,
+        "model": "SmolLM2-135M-Instruct Q4_1 (embedded)", "targets": {"decode_ratio": 0.97, "ttft_added_ms": 5},
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
