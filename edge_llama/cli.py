@@ -100,16 +100,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    config = with_overrides(load_config(args.config), {
+    overrides: dict[str, Any] = {
         "server.socket": args.socket, "server.state_dir": args.state_dir, "engine.model": args.model,
         "engine.backend": args.backend, "engine.kv_tokens": args.kv_tokens, "log_level": args.log_level,
-    })
-    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
-                        format="edge-llama[%(process)d] %(levelname)s %(name)s: %(message)s")
+    }
+    config = with_overrides(load_config(args.config), overrides)
     from edge_llama.service.daemon import serve
+    from edge_llama.service.systemd import setup_logging
 
-    print(f"edge-llama: starting on {socket_path(config)}", file=sys.stderr, flush=True)
-    return serve(config)
+    setup_logging(config.log_level)
+    logging.getLogger("edge_llama").info("starting (socket %s)", socket_path(config))
+    return serve(config, args.config, overrides)
 
 
 def cmd_summarize(sock: Path, args: argparse.Namespace) -> int:

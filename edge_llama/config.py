@@ -54,6 +54,11 @@ class ServerConfig:
     stream_interval_ms: float = 20.0  # streamed text is sent at most this often (first token at once); 0 = per token
     shutdown_grace_s: float = 10.0  # SIGTERM: running requests may finish within this, then are cancelled
     warmup: bool = True  # one tiny generation before accepting requests
+    # Who may use the socket (checked per connection with SO_PEERCRED and the peer's supplementary groups).
+    # None = root, the daemon's own user and the socket file's group. Names or numeric ids.
+    allow_users: list[int | str] | None = None
+    allow_groups: list[int | str] | None = None
+    engine_stall_s: float = 60.0  # an engine call without progress this long stops the systemd watchdog pings
 
 
 @dataclass(frozen=True)
@@ -143,8 +148,18 @@ def _coerce(hint: Any, raw: Any, path: str, source: str) -> Any:
         args = typing.get_args(hint)
         if raw is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, raw, path, source)
+        errors = []
+        for inner in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(inner, raw, path, source)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[-1]
+    if origin is list:
+        if not isinstance(raw, list):
+            raise ConfigError(f"{source}: '{path}' must be a list; got {raw!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(item, value, f"{path}[{i}]", source) for i, value in enumerate(raw)]
     if origin is Literal:
         choices = typing.get_args(hint)
         if raw not in choices:
@@ -169,6 +184,29 @@ def _coerce(hint: Any, raw: Any, path: str, source: str) -> Any:
     raise ConfigError(f"{source}: '{path}' has an unsupported type {hint!r}")  # pragma: no cover
 
 
+# What SIGHUP may change in a running daemon; everything else needs a restart.
+RESTART_ONLY = ("engine", "server.socket", "server.socket_mode", "server.state_dir", "server.warmup")
+
+
+def live_update(running: Config, new: Config) -> tuple[Config, list[str]]:
+    """The config a reload applies: `new`, except the parts only a restart can change (kept from `running`).
+    Returns it with the dotted keys whose new values were not applied."""
+    kept = dataclasses.replace(
+        new, engine=running.engine,
+        server=dataclasses.replace(new.server, socket=running.server.socket, socket_mode=running.server.socket_mode,
+                                   state_dir=running.server.state_dir, warmup=running.server.warmup),
+    )
+    ignored = []
+    for key in RESTART_ONLY:
+        section, _, leaf = key.partition(".")
+        old_value, new_value = getattr(running, section), getattr(new, section)
+        if leaf:
+            old_value, new_value = getattr(old_value, leaf), getattr(new_value, leaf)
+        if old_value != new_value:
+            ignored.append(key)
+    return kept, ignored
+
+
 def _checked(config: Config) -> Config:
     """Range checks that types cannot express, each naming its key."""
     e, s, g = config.engine, config.server, config.generation
@@ -182,6 +220,7 @@ def _checked(config: Config) -> Config:
         ("server.max_queue", s.max_queue >= 0, "must not be negative"),
         ("server.max_session_messages", s.max_session_messages >= 2, "must be at least 2"),
         ("server.shutdown_grace_s", s.shutdown_grace_s >= 0, "must not be negative"),
+        ("server.engine_stall_s", s.engine_stall_s > 0, "must be positive"),
         ("server.stream_interval_ms", 0 <= s.stream_interval_ms <= 1000, "must be between 0 and 1000"),
         ("generation.max_tokens", 1 <= g.max_tokens <= g.max_tokens_ceiling,
          "must be between 1 and generation.max_tokens_ceiling"),
@@ -209,7 +248,11 @@ def default_socket_path() -> Path:
 
 
 def socket_path(config: Config) -> Path:
-    return Path(config.server.socket) if config.server.socket else default_socket_path()
+    path = config.server.socket
+    if path and path[0] in "@\0":
+        # Abstract sockets have no file permissions: anyone in the network namespace could connect.
+        raise ConfigError(f"server.socket: abstract-namespace sockets are refused ({path!r}); use a file path")
+    return Path(path) if path else default_socket_path()
 
 
 def state_dir(config: Config) -> Path:

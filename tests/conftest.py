@@ -31,15 +31,16 @@ class Daemons:
         self.running: list[DaemonProcess] = []
         self.count = 0
 
-    def start(self, config: dict[str, Any] | None = None, wait: bool = True, args: tuple[str, ...] = ()
-              ) -> DaemonProcess:
+    def start(self, config: dict[str, Any] | None = None, wait: bool = True, args: tuple[str, ...] = (),
+              env: dict[str, str] | None = None, command: tuple[str, ...] = ()) -> DaemonProcess:
         self.count += 1
         config_path = self.workdir / f"config{self.count}.yaml"
         config = dict(config or {})
         server = {"state_dir": str(self.workdir / "state"), **config.pop("server", {})}
         config_path.write_text(yaml.safe_dump({"server": server, **config}))
         daemon = DaemonProcess(self.workdir / "d.sock", ["--config", str(config_path), *args],
-                               log=self.workdir / f"daemon{self.count}.log")
+                               log=self.workdir / f"daemon{self.count}.log", env=env, command=command)
+        daemon.config_path = config_path  # type: ignore[attr-defined]
         self.running.append(daemon)
         if wait:
             daemon.wait_ready()

@@ -23,10 +23,24 @@ command -v cmake >/dev/null || missing+=(cmake)
 command -v g++ >/dev/null || missing+=(g++)
 command -v make >/dev/null || missing+=(make)
 "$PY" -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+# systemd tools for the service tests (systemd-analyze, systemd-socket-activate; systemd need not be running),
+# setpriv to connect as another user, pkg-config for systemd-python's build.
+command -v systemd-analyze >/dev/null || missing+=(systemd)
+command -v systemd-socket-activate >/dev/null || missing+=(systemd)
+command -v setpriv >/dev/null || missing+=(util-linux)
+command -v pkg-config >/dev/null || missing+=(pkg-config)
+apt_install() {
+  [ -n "${APT_UPDATED:-}" ] || { as_root apt-get update -qq; APT_UPDATED=1; }
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+}
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing system packages: ${missing[*]}"
-  as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  apt_install "${missing[@]}"
+fi
+if ! pkg-config --exists libsystemd 2>/dev/null; then
+  # Pinned to the installed libsystemd0: an unpinned libsystemd-dev would upgrade systemd itself.
+  echo "setup: installing libsystemd-dev (for systemd-python)"
+  apt_install "libsystemd-dev=$(dpkg-query -W -f='${Version}' libsystemd0)"
 fi
 
 "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "setup: Python >= 3.10 required" >&2; exit 1; }

@@ -1,116 +1,216 @@
 """The daemon's lifecycle: startup -> main loop -> shutdown.
 
-startup: check the state directory and the socket path (fail fast, before the slow model load), load the engine
-on its thread, warm it up, then bind and accept. Main loop: serve until a signal handler sets the exit flag.
-shutdown: stop accepting, let admitted requests finish within server.shutdown_grace_s, cancel the rest (each
-still ends with one `done` or `error` line), remove the socket we created, free the engine. Exit status 0.
+startup: check the state directory and the socket (fail fast, before the slow model load), load the engine on
+its thread while telling systemd we are still loading (EXTEND_TIMEOUT_USEC), warm it up, accept, READY=1.
+Main loop: signal handlers only set flags; SIGHUP re-reads the config (RELOADING=1 ... READY=1), SIGTERM/SIGINT
+end the loop. The watchdog is pinged from the event loop only while the engine makes progress.
+shutdown: STOPPING=1, stop accepting, let admitted requests finish within server.shutdown_grace_s, cancel the
+rest (each still ends with one `done` or `error` line), remove the socket we created (never an activated one),
+free the engine. Exit status 0.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
 import threading
 import time
+from pathlib import Path
 
-from edge_llama.config import Config, socket_path, state_dir
+from edge_llama.config import Config, live_update, load_config, socket_path, state_dir, with_overrides
 from edge_llama.engine import GenParams, create_engine
 from edge_llama.errors import EdgeLlamaError, InternalError, SocketInUse
-from edge_llama.prompting.template import template_for
+from edge_llama.prompting.template import ChatTemplate, template_for
 from edge_llama.protocol import Message
+from edge_llama.service.access import policy_for
 from edge_llama.service.handlers import Handlers
 from edge_llama.service.scheduler import Scheduler
 from edge_llama.service.server import Server, bind_unix_socket
 from edge_llama.service.sessions import SessionStore
+from edge_llama.service.systemd import Notifier, activated_socket, watchdog_interval_s
 
 log = logging.getLogger("edge_llama.daemon")
+LOAD_KEEPALIVE_S = 5.0  # how often a long model load tells systemd it is still starting
+LOAD_EXTEND_S = 30.0  # ... and by how much it extends the start timeout each time
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_file: str | None = None,
+                 overrides: dict[str, object] | None = None) -> None:
         self.config = config
-        self.socket_path = socket_path(config)
-        self.should_exit = asyncio.Event()
+        self.config_file = config_file  # re-read on SIGHUP, with the same command-line overrides on top
+        self.overrides = overrides or {}
+        self.notifier = Notifier()
+        self._wake = asyncio.Event()
+        self._exit = False
+        self._reload = False
         self._signals = 0
         self._grace_s = config.server.shutdown_grace_s
 
-    def _on_signal(self, signum: int) -> None:
-        """Signal handlers only set flags; a second signal skips the grace period."""
+    # --- signals: only set flags ---------------------------------------------------------------------------
+    def _on_exit_signal(self, signum: int) -> None:
         self._signals += 1
-        log.info("received %s%s", signal.Signals(signum).name, " again: cancelling now" if self._signals > 1 else "")
-        self.should_exit.set()
         if self._signals > 1:
-            self._grace_s = 0.0
+            self._grace_s = 0.0  # a second signal: cancel now
+        self._exit = True
+        self._wake.set()
 
+    def _on_reload_signal(self) -> None:
+        self._reload = True
+        self._wake.set()
+
+    # --- lifecycle -------------------------------------------------------------------------------------------
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_signal, sig)
+            loop.add_signal_handler(sig, self._on_exit_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
+        activated = activated_socket()
+        path = Path(activated.getsockname()) if activated is not None else socket_path(self.config)
         sessions = SessionStore(state_dir(self.config), self.config.server.max_session_messages)
         try:
             sessions.prepare()
         except OSError as exc:
             raise EdgeLlamaError(f"cannot create state directory {sessions.root}: {exc.strerror}") from exc
-        self._check_socket_free()
+        if activated is None:
+            _check_socket_free(path)
 
         engine = create_engine(self.config.engine)
         scheduler = Scheduler(engine, self.config.server.max_queue, self.config.server.stream_interval_ms)
-        started = time.monotonic()
         try:
-            await scheduler.call(engine.load)
-            template = template_for(self.config.engine.chat_template, engine.template_info)
-            handlers = Handlers(self.config, scheduler, template, sessions)
-            if self.config.server.warmup:
-                await scheduler.call(self._warm_up, engine, template)
-            log.info("model %s loaded in %.2f s (backend %s, KV budget %d tokens, template %s)", engine.model_name,
-                     time.monotonic() - started, engine.name, engine.capacity.kv_tokens, template.name)
-            if self.should_exit.is_set():
+            template = await self._load(scheduler)
+            if self._exit:
                 return
-            sock = bind_unix_socket(self.socket_path, self.config.server.socket_mode)
+            handlers = Handlers(self.config, scheduler, template, sessions)
+            sock = activated or bind_unix_socket(path, self.config.server.socket_mode)
             server = Server(self.config, handlers)
+            server.socket_file = path
+            server.policy = policy_for(self.config.server, path)
+            watchdog = asyncio.create_task(self._watchdog(scheduler))
             try:
                 await server.start(sock)
                 handlers.state = "ready"
-                log.info("serving on %s", self.socket_path)
-                await self.should_exit.wait()
+                log.info("serving on %s%s (access: %s)", path, " (socket-activated)" if activated else "",
+                         server.policy.describe())
+                self.notifier.ready(self._status(handlers))
+                await self._main_loop(server, handlers)
                 handlers.state = "stopping"
+                watchdog.cancel()  # systemd enforces TimeoutStopSec from here on
+                self.notifier.stopping()
                 log.info("shutting down: no new requests; %d admitted", scheduler.admitted)
                 server.stop_accepting()
                 await server.drain(self._grace_s)
             finally:
+                watchdog.cancel()
                 sock.close()
-                self.socket_path.unlink(missing_ok=True)
+                if activated is None:
+                    path.unlink(missing_ok=True)
         finally:
             scheduler.close()
             engine.close()
+            self.notifier.close()
         log.info("stopped")
 
-    def _check_socket_free(self) -> None:
-        """Refuse early when another daemon serves our socket (binding happens only after the model loads)."""
-        path = self.socket_path
-        if not path.exists():
+    async def _load(self, scheduler: Scheduler) -> ChatTemplate:
+        engine = scheduler.engine
+        started = time.monotonic()
+        self.notifier.status(f"loading model ({engine.name} backend)")
+        load = asyncio.ensure_future(scheduler.call(engine.load))
+        while not load.done():
+            # A long load (a TensorRT engine on a Jetson can take minutes) keeps extending the start timeout.
+            self.notifier.extend_timeout(LOAD_EXTEND_S)
+            self.notifier.watchdog()
+            await asyncio.wait({load}, timeout=LOAD_KEEPALIVE_S)
+        load.result()
+        template = template_for(self.config.engine.chat_template, engine.template_info)
+        if self.config.server.warmup:
+            self.notifier.status("warming up")
+            await scheduler.call(_warm_up, engine, template)
+        log.info("model %s loaded in %.2f s (backend %s, KV budget %d tokens, template %s)", engine.model_name,
+                 time.monotonic() - started, engine.name, engine.capacity.kv_tokens, template.name)
+        return template
+
+    async def _main_loop(self, server: Server, handlers: Handlers) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._exit:
+                return
+            if self._reload:
+                self._reload = False
+                self._apply_reload(server, handlers)
+
+    def _apply_reload(self, server: Server, handlers: Handlers) -> None:
+        self.notifier.reloading()
+        try:
+            new = with_overrides(load_config(self.config_file), self.overrides)
+            new, ignored = live_update(self.config, new)
+            policy = policy_for(new.server, server.socket_file)
+        except EdgeLlamaError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc.message)
+            self.notifier.ready(f"reload failed: {exc.message}; {self._status(handlers)}")
             return
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.policy = policy
+        self._install(new, server, handlers)
+        if ignored:
+            log.warning("reload: %s changed but only take effect after a restart", ", ".join(ignored))
+        log.info("configuration reloaded")
+        self.notifier.ready(self._status(handlers))
+
+    def _install(self, config: Config, server: Server, handlers: Handlers) -> None:
+        self.config = config
+        server.config = config
+        handlers.config = config
+        handlers.scheduler.max_queue = config.server.max_queue
+        handlers.scheduler.stream_interval_s = config.server.stream_interval_ms / 1000
+        logging.getLogger().setLevel(config.log_level.upper())
+
+    def _status(self, handlers: Handlers) -> str:
+        cap = handlers.engine.capacity
+        return (f"ready: {handlers.engine.model_name} ({handlers.engine.name}), KV budget {cap.kv_tokens} tokens, "
+                f"serving {handlers.scheduler.admitted} requests")
+
+    async def _watchdog(self, scheduler: Scheduler) -> None:
+        interval = watchdog_interval_s()
+        if interval is None:
+            return
+        stalled_logged = False
+        while True:
+            await asyncio.sleep(interval / 2)
+            stall = scheduler.stalled_for()
+            if stall > self.config.server.engine_stall_s:
+                if not stalled_logged:
+                    log.error("engine made no progress for %.0f s: withholding watchdog pings", stall)
+                    stalled_logged = True
+                continue
+            stalled_logged = False
+            self.notifier.watchdog()
+
+
+def _check_socket_free(path: Path) -> None:
+    """Refuse early when another daemon serves our socket (binding happens only after the model loads)."""
+    if not path.exists():
+        return
+    with contextlib.closing(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)) as probe:
         try:
             probe.connect(str(path))
         except OSError:
             return  # stale or not a socket: bind_unix_socket decides
-        finally:
-            probe.close()
-        raise SocketInUse(f"another edge-llama daemon is already serving {path}")
-
-    @staticmethod
-    def _warm_up(engine, template) -> None:  # type: ignore[no-untyped-def]
-        """One tiny generation: proves the model runs before we accept requests and pages the weights in."""
-        ids = engine.tokenize(template.render([Message("user", "Hi")]))
-        chunks = list(engine.generate(ids, GenParams(max_tokens=2, temperature=0.0), threading.Event()))
-        if not chunks or chunks[-1].finish is None:
-            raise InternalError("warm-up generation did not finish")
+    raise SocketInUse(f"another edge-llama daemon is already serving {path}")
 
 
-def serve(config: Config) -> int:
+def _warm_up(engine, template) -> None:  # type: ignore[no-untyped-def]
+    """One tiny generation: proves the model runs before we accept requests and pages the weights in."""
+    ids = engine.tokenize(template.render([Message("user", "Hi")]))
+    chunks = list(engine.generate(ids, GenParams(max_tokens=2, temperature=0.0), threading.Event()))
+    if not chunks or chunks[-1].finish is None:
+        raise InternalError("warm-up generation did not finish")
+
+
+def serve(config: Config, config_file: str | None = None, overrides: dict[str, object] | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT. Raises EdgeLlamaError for start-up failures."""
-    asyncio.run(Daemon(config).run())
+    asyncio.run(Daemon(config, config_file, overrides).run())
     return 0

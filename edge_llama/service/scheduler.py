@@ -122,6 +122,8 @@ class Scheduler:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._avg_request_s = 1.0  # exponential moving average, for retry_after_ms
+        self._engine_calls = 0  # engine calls in progress on the engine thread (0 or 1)
+        self._progress_at = time.monotonic()  # last sign of life from the engine thread
 
     # --- admission -----------------------------------------------------------------------------------------
     def admit(self) -> Admission:
@@ -180,9 +182,23 @@ class Scheduler:
                 return
         self.running = 0
 
+    def stalled_for(self) -> float:
+        """Seconds the engine has been inside a call without producing anything (0 when idle)."""
+        return time.monotonic() - self._progress_at if self._engine_calls else 0.0
+
+    def _tracked(self, fn: Callable[..., T], *args: Any) -> T:
+        """Engine thread: run `fn`, recording that the engine is busy and when it last made progress."""
+        self._engine_calls += 1
+        self._progress_at = time.monotonic()
+        try:
+            return fn(*args)
+        finally:
+            self._engine_calls -= 1
+            self._progress_at = time.monotonic()
+
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a blocking engine call (load, warm-up) on the engine thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        """Run a blocking engine call (load, warm-up, tokenizing a long text) on the engine thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._tracked, fn, *args)
 
     async def generate(
         self,
@@ -200,6 +216,7 @@ class Scheduler:
             tokens = 0
             try:
                 for chunk in self.engine.generate(prompt_ids, params, cancel.flag):
+                    self._progress_at = time.monotonic()
                     if chunk.finish is None:
                         clock["last"] = time.monotonic()
                         tokens += 1
@@ -212,7 +229,7 @@ class Scheduler:
         pieces: list[str] = []
         tokens = 0
         finish: str | None = None
-        future = loop.run_in_executor(self._executor, produce)
+        future = loop.run_in_executor(self._executor, self._tracked, produce)
         try:
             while finish is None:
                 batch = await bridge.take()

@@ -14,12 +14,21 @@ import logging
 import os
 import socket
 import stat
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from edge_llama.config import Config
-from edge_llama.errors import BadRequest, Cancelled, EdgeLlamaError, InternalError, SocketInUse, Unavailable
+from edge_llama.errors import (
+    BadRequest,
+    Cancelled,
+    EdgeLlamaError,
+    Forbidden,
+    InternalError,
+    SocketInUse,
+    Unavailable,
+)
 from edge_llama.protocol import (
     CancelRequest,
     ChatRequest,
@@ -32,6 +41,7 @@ from edge_llama.protocol import (
     parse_request,
     too_large_line,
 )
+from edge_llama.service.access import AccessPolicy, Peer, peer_of
 from edge_llama.service.handlers import Handlers
 from edge_llama.service.scheduler import CancelToken
 from edge_llama.service.summarize import summarize
@@ -79,12 +89,16 @@ def bind_unix_socket(path: Path, mode: int) -> socket.socket:
 
 
 class Connection:
-    def __init__(self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 peer: Peer | None) -> None:
         self.server = server
         self.reader = reader
         self.writer = writer
+        self.peer = peer
         self.jobs: dict[str, tuple[asyncio.Task[None], CancelToken]] = {}
         self.closed = False
+        fields = {"PEER_UID": peer.uid, "PEER_PID": peer.pid} if peer else {}
+        self.log = logging.LoggerAdapter(log, fields)  # every line of this connection names its peer
 
     async def send(self, event: dict[str, Any]) -> None:
         if self.closed:
@@ -175,10 +189,17 @@ class Connection:
             else:
                 await summarize(self.server.handlers, req, cancel, received, self.send)
         except EdgeLlamaError as exc:
+            self.log.info("%s %s: %s", req.op, req.id, exc.code,
+                          extra={"REQUEST_ID": req.id, "OP": req.op, "ERROR_CODE": exc.code})
             await self.reply_error(req.id, exc)
         except Exception as exc:  # a bug: answer it, log it, keep serving
-            log.exception("request %s failed", req.id)
+            self.log.exception("request %s failed", req.id, extra={"REQUEST_ID": req.id, "OP": req.op})
             await self.reply_error(req.id, InternalError(f"internal error: {type(exc).__name__}"))
+        else:
+            t = self.server.handlers.stats.last_timings
+            self.log.info("%s %s done in %.0f ms", req.op, req.id, (time.monotonic() - received) * 1000, extra={
+                "REQUEST_ID": req.id, "OP": req.op, "QUEUE_MS": t.get("queue_ms"), "TTFT_MS": t.get("ttft_ms"),
+                "DECODE_TOK_S": t.get("decode_tok_s")})
         finally:
             admission.release()
             self.jobs.pop(req.id, None)
@@ -195,17 +216,31 @@ class Server:
         self.handlers = handlers
         self.cancels: set[CancelToken] = set()  # of every running or waiting request
         self.connections: set[asyncio.Task[None]] = set()
+        self.policy: AccessPolicy | None = None  # None: no peer check
+        self.socket_file = Path()  # where clients connect (its group is the default client group)
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self, sock: socket.socket) -> None:
-        self._server = await asyncio.start_unix_server(self._on_connect, sock=sock, limit=READ_CHUNK)
+        # cleanup_socket=False (Python >= 3.13): never unlink the path on close; a socket-activated one belongs
+        # to systemd, and our own is removed by the daemon itself.
+        extra = {"cleanup_socket": False} if sys.version_info >= (3, 13) else {}
+        self._server = await asyncio.start_unix_server(self._on_connect, sock=sock, limit=READ_CHUNK, **extra)
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self.connections.add(task)
         try:
-            await Connection(self, reader, writer).serve()
+            peer = peer_of(writer.get_extra_info("socket"))
+            conn = Connection(self, reader, writer, peer)
+            if self.policy is not None and not self.policy.allows(peer):
+                conn.log.warning("refused uid %d gid %d (allowed: %s)", peer.uid, peer.gid, self.policy.describe())
+                self.handlers.stats.errors["forbidden"] += 1
+                await conn.send(error_event(None, Forbidden(
+                    f"uid {peer.uid} is not allowed to use this daemon (ask for the client group)")))
+                writer.close()
+                return
+            await conn.serve()
         finally:
             self.connections.discard(task)
 
