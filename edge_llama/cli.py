@@ -27,6 +27,9 @@ examples:
   echo "Translate to French: good morning" | edge-llama chat
   edge-llama summarize report.txt --style bullets
   edge-llama status
+  edge-llama plan --device orin-nano-8gb        # memory plan + trtllm-build flags for Llama-3.2-1B
+  edge-llama quantize --model Llama-3.2-1B-Instruct --out llama-1b-awq
+  edge-llama build --checkpoint llama-1b-awq --plan plan.json --out llama-1b-engine   # on the Jetson
 
 The socket is --socket, else $EDGE_LLAMA_SOCKET, else /run/edge-llama/edge-llama.sock under systemd,
 else $XDG_RUNTIME_DIR/edge-llama/edge-llama.sock (or /tmp/edge-llama-$UID/edge-llama.sock).
@@ -49,8 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", metavar="FILE", help="YAML config file (default: built-in defaults)")
     socket_arg(serve)
     serve.add_argument("--state-dir", metavar="DIR", help="where sessions are kept")
-    serve.add_argument("--model", metavar="GGUF", help="model file (default: the embedded SmolLM2-135M-Instruct)")
-    serve.add_argument("--backend", choices=["llamacpp", "fake"], help="engine backend (default: llamacpp)")
+    serve.add_argument("--model", metavar="GGUF|ENGINE_DIR",
+                       help="GGUF file (llamacpp; default: the embedded SmolLM2-135M-Instruct) "
+                       "or engine folder (trtllm)")
+    serve.add_argument("--backend", choices=["llamacpp", "trtllm", "fake"], help="engine backend (default: llamacpp)")
     serve.add_argument("--kv-tokens", type=int, metavar="N", help="KV budget in tokens: prompt + reply <= N")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
@@ -72,6 +77,47 @@ def build_parser() -> argparse.ArgumentParser:
     summ.add_argument("--style", choices=["paragraph", "bullets"], default="paragraph")
     summ.add_argument("--max-tokens", type=int, metavar="N", help="length limit of the summary in tokens")
 
+    quant = sub.add_parser(
+        "quantize", help="HF Llama checkpoint -> INT4-AWQ TensorRT-LLM checkpoint (nvidia-modelopt)",
+        description="Quantize a Hugging Face Llama checkpoint to INT4-AWQ with nvidia-modelopt (awq_lite) and "
+        "export a TensorRT-LLM checkpoint with manifest.json. Uses CUDA when present, else the CPU (slow: minutes "
+        "for a 1B model). Example: edge-llama quantize --model Llama-3.2-1B-Instruct --out llama-1b-awq")
+    quant.add_argument("--model", required=True, type=Path, metavar="HF_DIR", help="Hugging Face checkpoint folder")
+    quant.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
+    quant.add_argument("--block-size", type=int, default=128,
+                       help="AWQ group size; must divide every layer width (Llama-3.2-1B: 128; SmolLM2: 64)")
+    quant.add_argument("--calib", default="builtin", metavar="FILE|builtin",
+                       help="calibration text (default: a built-in corpus shipped with edge-llama)")
+    quant.add_argument("--calib-size", type=int, default=32, metavar="N", help="calibration sequences")
+    quant.add_argument("--calib-seq-len", type=int, default=512, metavar="TOKENS", help="tokens per sequence")
+    quant.add_argument("--kv-int8", action="store_true", help="also calibrate an INT8 KV cache (halves KV memory)")
+    quant.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    quant.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+
+    plan = sub.add_parser("plan", help="memory plan and trtllm-build flags for a Jetson",
+                          description="Size an INT4-AWQ engine for a Jetson: weights, activations, KV budget, "
+                          "resident memory and decode ceiling, each with its derivation.")
+    plan.add_argument("--device", required=True, metavar="NAME", help="orin-nano-8gb, orin-nano-super, "
+                      "orin-nx-16gb, agx-orin-32gb, agx-orin-64gb, thor")
+    plan.add_argument("--model", default="llama-3.2-1b", metavar="CONFIG|preset",
+                      help="preset llama-3.2-1b (default), a config.json, or a checkpoint folder")
+    plan.add_argument("--memory-budget", type=float, metavar="GiB", help="memory for edge-llama (default: device "
+                      "memory minus the OS reserve)")
+    plan.add_argument("--group-size", type=int, default=128)
+    plan.add_argument("--kv-dtype", choices=["fp16", "int8"], default="fp16")
+    plan.add_argument("--max-seq-len", type=int, default=4096, metavar="TOKENS")
+    plan.add_argument("--max-batch", type=int, default=1)
+    plan.add_argument("--max-num-tokens", type=int, default=512, metavar="TOKENS",
+                      help="tokens per engine step (sets activation memory)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON (input of `edge-llama build`)")
+
+    bld = sub.add_parser("build", help="run trtllm-build with a plan (on the Jetson)",
+                         description="Build the TensorRT-LLM engine on the device that will run it.")
+    bld.add_argument("--checkpoint", required=True, type=Path, metavar="DIR", help="from `edge-llama quantize`")
+    bld.add_argument("--plan", required=True, type=Path, metavar="PLAN", help="from `edge-llama plan --json`")
+    bld.add_argument("--out", required=True, type=Path, metavar="ENGINE_DIR")
+    bld.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+
     status = sub.add_parser("status", help="show whether the daemon runs, its model, KV budget and counters")
     socket_arg(status)
     status.add_argument("--json", action="store_true", help="print the raw stats object")
@@ -83,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command in ("quantize", "plan", "build"):
+            return cmd_pipeline(args)
         sock = Path(args.socket) if args.socket else default_socket_path()
         if args.command == "chat":
             from edge_llama.chat import run_chat
@@ -111,6 +159,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(config.log_level)
     logging.getLogger("edge_llama").info("starting (socket %s)", socket_path(config))
     return serve(config, args.config, overrides)
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    if args.command == "quantize":
+        from edge_llama.pipeline.quantize import QuantizeOptions, quantize
+
+        manifest = quantize(QuantizeOptions(
+            model=args.model, out=args.out, block_size=args.block_size, calib=args.calib,
+            calib_size=args.calib_size, calib_seq_len=args.calib_seq_len, kv_int8=args.kv_int8,
+            device=args.device, force=args.force))
+        print(manifest)
+        return 0
+    if args.command == "plan":
+        import json
+
+        from edge_llama.pipeline.plan import PlanOptions, format_plan, plan
+
+        result = plan(PlanOptions(device=args.device, model=args.model, memory_budget_gib=args.memory_budget,
+                                  group_size=args.group_size, kv_dtype=args.kv_dtype, max_batch=args.max_batch,
+                                  max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens))
+        print(json.dumps(result, indent=2) if args.json else format_plan(result))
+        return 0
+    from edge_llama.pipeline.build import build
+
+    print(build(args.checkpoint, args.plan, args.out, force=args.force))
+    return 0
 
 
 def cmd_summarize(sock: Path, args: argparse.Namespace) -> int:

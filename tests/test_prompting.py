@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from edge_llama.config import EngineConfig
+from edge_llama.engine.base import tokenizer_config_info
 from edge_llama.engine.fake import FakeEngine
 from edge_llama.errors import ContextOverflow, ModelError
 from edge_llama.prompting.context import fit_prompt
-from edge_llama.prompting.template import ChatTemplate, template_for, tokenizer_config_info
+from edge_llama.prompting.template import ChatTemplate, template_for
 from edge_llama.protocol import Message
 
 # Llama 3 special and structural token ids (Meta's tokenizer.json).

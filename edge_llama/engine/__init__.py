@@ -19,4 +19,8 @@ def create_engine(config: EngineConfig) -> Engine:
         from edge_llama.engine.fake import FakeEngine
 
         return FakeEngine(config)
+    if config.backend == "trtllm":
+        from edge_llama.engine.trtllm import TrtLlmEngine
+
+        return TrtLlmEngine(config)
     raise ConfigError(f"engine.backend '{config.backend}' is not available in this build")

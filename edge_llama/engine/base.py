@@ -7,11 +7,15 @@ also be called from other threads while a generation runs; backends keep it free
 from __future__ import annotations
 
 import codecs
+import json
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
+
+from edge_llama.errors import ModelError
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -105,3 +109,23 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+def tokenizer_config_info(path: Path) -> TemplateInfo:
+    """Template and special tokens from a Hugging Face tokenizer_config.json."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {path}: {exc}") from exc
+    template = data.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    return TemplateInfo(template=template, bos_token=_token_str(data.get("bos_token")),
+                        eos_token=_token_str(data.get("eos_token")))
+
+
+def _token_str(value: Any) -> str:
+    if isinstance(value, dict):  # {"content": "<|begin_of_text|>", "lstrip": false, ...}
+        value = value.get("content")
+    return value if isinstance(value, str) else ""

@@ -8,13 +8,11 @@ built-in Llama 3 format.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
-from edge_llama.engine.base import TemplateInfo
+from edge_llama.engine.base import TemplateInfo, tokenizer_config_info
 from edge_llama.errors import ConfigError, ModelError
 from edge_llama.protocol import Message
 
@@ -102,23 +100,3 @@ def template_for(configured: str | None, info: TemplateInfo) -> ChatTemplate:
             f"nor a readable file ({exc.strerror})"
         ) from exc
     return ChatTemplate(source, info.bos_token, info.eos_token, name=str(path))
-
-
-def tokenizer_config_info(path: Path) -> TemplateInfo:
-    """Template and special tokens from a Hugging Face tokenizer_config.json."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read {path}: {exc}") from exc
-    template = data.get("chat_template")
-    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default") or next(iter(named.values()), None)
-    return TemplateInfo(template=template, bos_token=_token_str(data.get("bos_token")),
-                        eos_token=_token_str(data.get("eos_token")))
-
-
-def _token_str(value: Any) -> str:
-    if isinstance(value, dict):  # {"content": "<|begin_of_text|>", "lstrip": false, ...}
-        value = value.get("content")
-    return value if isinstance(value, str) else ""

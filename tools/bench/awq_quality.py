@@ -1,0 +1,108 @@
+"""INT4-AWQ quality on the test model, in one run: held-out perplexity of
+- ppl_fp:  the original model (fp32),
+- ppl_rtn: plain round-to-nearest INT4 of the same linear layers at the same group size (no AWQ),
+- ppl_awq: the exported TensorRT-LLM checkpoint, read back from rank0.safetensors by the reference forward pass,
+plus how closely that reference reproduces modelopt's in-memory quantized model (max |logit difference|).
+The held-out text (tools/bench/heldout.txt) shares no module with the calibration corpus.
+
+Last line: one JSON object. Targets: ppl_awq < ppl_rtn and ppl_awq <= 1.15 x ppl_fp.
+
+    .venv/bin/python tools/bench/awq_quality.py [--calib-size 32 --calib-seq-len 256 --block-size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # tools/ for make_test_checkpoint
+
+from make_test_checkpoint import DEFAULT_OUT, make  # noqa: E402
+
+from edge_llama.pipeline.awq_reference import ReferenceLlama, perplexity  # noqa: E402
+from edge_llama.pipeline.quantize import QuantizeOptions, calibrate, export  # noqa: E402
+
+
+def rtn_int4(model, block: int):  # type: ignore[no-untyped-def]
+    """A copy with every decoder linear weight rounded to symmetric INT4 per group of `block` inputs
+    (scale = group absmax / 7, as modelopt's INT4 quantizer), lm_head and embeddings left as they are."""
+    import torch
+
+    rtn = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, module in rtn.named_modules():
+            if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
+                w = module.weight
+                groups = w.reshape(w.shape[0], -1, block)
+                scale = groups.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 7
+                module.weight.copy_(((groups / scale).round().clamp(-8, 7) * scale).reshape_as(w))
+    return rtn
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--calib-size", type=int, default=32)
+    parser.add_argument("--calib-seq-len", type=int, default=256)
+    parser.add_argument("--eval-tokens", type=int, default=2048)
+    parser.add_argument("--window", type=int, default=256)
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model_dir = make(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    heldout = "\n".join(line for line in (HERE / "heldout.txt").read_text().splitlines() if not line.startswith("# "))
+    ids = tokenizer(heldout, return_tensors="pt", add_special_tokens=False)["input_ids"][0][: args.eval_tokens]
+
+    def hf_logits(m):  # type: ignore[no-untyped-def]
+        return lambda chunk: m(chunk.unsqueeze(0)).logits[0]
+
+    fp = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ppl_fp = perplexity(hf_logits(fp), ids, args.window)
+    ppl_rtn = perplexity(hf_logits(rtn_int4(fp, args.block_size)), ids, args.window)
+    del fp
+
+    with tempfile.TemporaryDirectory(prefix="el-awq-") as tmp:
+        opts = QuantizeOptions(model=model_dir, out=Path(tmp) / "ckpt", block_size=args.block_size,
+                               calib_size=args.calib_size, calib_seq_len=args.calib_seq_len)
+        started = time.monotonic()
+        calibrated = calibrate(opts)
+        ppl_awq_model = perplexity(hf_logits(calibrated.model), ids, args.window)
+        probe = ids[: args.window]
+        with torch.no_grad():
+            model_logits = calibrated.model(probe.unsqueeze(0)).logits[0]
+        export(calibrated, opts)
+        quantize_s = time.monotonic() - started
+        reference = ReferenceLlama(opts.out)
+        ppl_awq = perplexity(reference.forward, ids, args.window)
+        with torch.no_grad():
+            ref_logits = reference.forward(probe)
+        max_diff = float((ref_logits - model_logits).abs().max())
+        top1 = float((ref_logits.argmax(-1) == model_logits.argmax(-1)).float().mean())
+        checkpoint_mb = (opts.out / "rank0.safetensors").stat().st_size / 1e6
+
+    print(json.dumps({
+        "ppl_fp": round(ppl_fp, 3), "ppl_rtn": round(ppl_rtn, 3), "ppl_awq": round(ppl_awq, 3),
+        "awq_over_fp": round(ppl_awq / ppl_fp, 4), "awq_below_rtn": ppl_awq < ppl_rtn,
+        "ppl_awq_modelopt_in_memory": round(ppl_awq_model, 3),
+        "reference_vs_modelopt_max_abs_logit_diff": round(max_diff, 4), "reference_top1_agreement": round(top1, 4),
+        "quantize_s": round(quantize_s, 1), "checkpoint_mb": round(checkpoint_mb, 1),
+        "block_size": args.block_size, "calib": f"{calibrated.sequences}x{args.calib_seq_len} builtin",
+        "eval_tokens": len(ids), "model": "SmolLM2-135M-Instruct (from the embedded GGUF)",
+        "targets": {"ppl_awq_below_rtn": True, "awq_over_fp_max": 1.15},
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
