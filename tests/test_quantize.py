@@ -1,0 +1,141 @@
+"""Quantization: clear errors for bad input (fast), then the real pipeline end to end on the test model (CPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_llama.errors import ConfigError, ModelError
+from edge_llama.pipeline.quantize import QuantizeOptions, check_block_size, read_hf_config
+
+REPO = Path(__file__).resolve().parents[1]
+SMOLLM_SHAPE = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
+                "num_key_value_heads": 3, "num_hidden_layers": 30, "vocab_size": 49152}
+
+
+def fake_checkpoint(folder: Path, config: dict, tokenizer: bool = True) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes(b"")
+    if tokenizer:
+        (folder / "tokenizer.json").write_text("{}")
+    return folder
+
+
+def test_not_a_llama_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="no config.json"):
+        read_hf_config(tmp_path)
+    gpt2 = fake_checkpoint(tmp_path / "gpt2", {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+    with pytest.raises(ModelError, match="is a gpt2 model, not a Llama"):
+        read_hf_config(gpt2)
+
+
+def test_missing_tokenizer(tmp_path: Path) -> None:
+    folder = fake_checkpoint(tmp_path / "m", SMOLLM_SHAPE, tokenizer=False)
+    with pytest.raises(ModelError, match="has no tokenizer"):
+        read_hf_config(folder)
+
+
+def test_block_size_must_divide_widths_and_names_the_width() -> None:
+    with pytest.raises(ConfigError, match=r"does not divide hidden_size .* = 576; use --block-size 64"):
+        check_block_size(SMOLLM_SHAPE, 128)
+    check_block_size(SMOLLM_SHAPE, 64)
+    llama_1b = {"hidden_size": 2048, "intermediate_size": 8192, "num_attention_heads": 32}
+    check_block_size(llama_1b, 128)
+
+
+def test_cli_quantize_error_is_one_line(tmp_path: Path) -> None:
+    folder = fake_checkpoint(tmp_path / "m", SMOLLM_SHAPE)
+    out = subprocess.run([sys.executable, "-m", "edge_llama", "quantize", "--model", str(folder), "--out",
+                          str(tmp_path / "o")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "edge-llama: --block-size 128 does not divide hidden_size (q/k/v/gate/up input) = 576; use --block-size 64"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    pytest.importorskip("torch", reason="quantization needs torch (make test installs torch==2.13.0)")
+    pytest.importorskip("modelopt", reason="quantization needs nvidia-modelopt==0.47.0")
+    sys.path.insert(0, str(REPO / "tools"))
+    from make_test_checkpoint import DEFAULT_OUT, make
+
+    from edge_llama.pipeline.quantize import calibrate, export
+
+    model_dir = make(DEFAULT_OUT)
+    opts = QuantizeOptions(model=model_dir, out=tmp_path_factory.mktemp("q") / "ckpt", block_size=64,
+                           calib_size=4, calib_seq_len=128)
+    calibrated = calibrate(opts)
+    export(calibrated, opts)
+    return opts, calibrated
+
+
+def test_export_is_a_self_describing_trtllm_checkpoint(exported) -> None:  # type: ignore[no-untyped-def]
+    from edge_llama.pipeline.manifest import verify_manifest
+
+    opts, _ = exported
+    manifest = verify_manifest(opts.out, kind="trtllm-checkpoint", backend="trtllm")
+    assert manifest["quantization"] == {"algo": "W4A16_AWQ", "group_size": 64, "method": "awq_lite",
+                                        "kv_cache": "fp16"}
+    assert manifest["tools"]["nvidia-modelopt"] == "0.47.0"
+    assert {"config.json", "rank0.safetensors", "tokenizer.json"} <= set(manifest["files"])
+    config = json.loads((opts.out / "config.json").read_text())
+    # transformers 5 + modelopt drop rotary_base; SmolLM2's is 1e5, not TRT-LLM's default 1e4.
+    assert config["rotary_base"] == 100000.0
+    assert config["quantization"]["quant_algo"] == "W4A16_AWQ" and config["quantization"]["group_size"] == 64
+    assert config["quantization"]["exclude_modules"] == ["lm_head"]
+
+
+def test_rope_scaling_is_carried_into_the_export(tmp_path: Path) -> None:
+    from edge_llama.pipeline.quantize import patch_exported_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "LlamaForCausalLM"}))
+    llama32 = {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 8192}}
+    config = patch_exported_config(tmp_path, llama32)
+    assert config["rotary_base"] == 500000.0
+    assert config["rotary_scaling"] == {"type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def test_int4_unpacking_inverts_modelopts_packing() -> None:
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("modelopt")
+    from modelopt.torch.export.quant_utils import pack_int4_in_uint8
+
+    from edge_llama.pipeline.awq_reference import unpack_int4
+
+    torch.manual_seed(0)
+    weight = torch.randn(8, 128)
+    scale = weight.reshape(8, -1, 64).abs().amax(-1) / 7  # [out, in/group]
+    packed = pack_int4_in_uint8(weight, scale, 64).view(torch.int8)
+    expected = (weight / scale.repeat_interleave(64, 1)).round().clamp(-8, 7).to(torch.int8)
+    assert packed.shape == (4, 128)
+    assert torch.equal(unpack_int4(packed), expected)
+
+
+def test_reference_forward_reproduces_the_exported_model(exported) -> None:  # type: ignore[no-untyped-def]
+    """Our torch forward pass over rank0.safetensors == transformers' Llama loaded with the same dequantized
+    weights; and it tracks modelopt's in-memory quantized model (not exactly: the export re-smooths q/k/v and
+    gate/up to one shared pre-quant scale each, as TensorRT-LLM's fused layers need)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edge_llama.pipeline.awq_reference import ReferenceLlama, hf_state_dict
+
+    opts, calibrated = exported
+    reference = ReferenceLlama(opts.out)
+    hf = AutoModelForCausalLM.from_pretrained(opts.model, dtype=torch.float32, tie_word_embeddings=False).eval()
+    result = hf.load_state_dict(hf_state_dict(reference), strict=False)
+    assert not result.unexpected_keys and not [k for k in result.missing_keys if "rotary" not in k]
+    ids = torch.arange(200, 328)
+    with torch.no_grad():
+        ours, theirs = reference.forward(ids), hf(ids.unsqueeze(0)).logits[0]
+        quantized = calibrated.model(ids.unsqueeze(0)).logits[0]
+    assert (ours - theirs).abs().max() < 1e-3
+    assert (ours.argmax(-1) == quantized.argmax(-1)).float().mean() > 0.6
