@@ -28,6 +28,7 @@ class FakeEngineConfig:
     prompt_delay_ms: float = 0.0  # sleep per prompt token evaluated (to test cancel during prefill)
     fail_on: str | None = None  # raise an engine error when the prompt contains this text
     load_delay_ms: float = 0.0
+    unsafe_on: str | None = None  # next_token_probs: "unsafe" is likely when the prompt contains this
 
 
 @dataclass(frozen=True)
@@ -78,11 +79,43 @@ class SummarizeConfig:
 
 
 @dataclass(frozen=True)
+class SafetyRule:
+    """From which score a category is flagged (logged, reported in `done.safety`) or blocked, and where."""
+
+    category: str
+    block: float | None = None
+    flag: float | None = None
+    on: list[Literal["input", "output"]] = field(default_factory=lambda: ["input", "output"])
+
+
+def _default_rules() -> list[SafetyRule]:
+    return [SafetyRule("offensive", block=0.9, flag=0.6),
+            # Flag-only: the injection model also fires on ordinary instructions (see its model card).
+            SafetyRule("injection", flag=0.9, on=["input"])]
+
+
+@dataclass(frozen=True)
+class SafetyConfig:
+    enabled: bool = True
+    hooks: list[str] = field(default_factory=lambda: ["offensive", "injection"])  # built-in names or module:attr
+    runtime: Literal["onnxruntime", "tensorrt"] = "onnxruntime"  # tensorrt: the same ONNX on a Jetson GPU
+    rules: list[SafetyRule] = field(default_factory=_default_rules)
+    window_tokens: int = 16  # streamed output is held back until the window containing it passed the hooks
+    context_chars: int = 120  # already-released text checked together with the held window
+    fail_mode: Literal["closed", "open"] = "closed"  # a hook that raises blocks (closed) or allows (open)
+    refusal: str = "Sorry, I can't help with that."
+    log_texts: bool = False  # put the checked texts in the log lines of flags and blocks
+    # The llama_guard hook's own engine (operator-supplied Llama Guard 3 1B weights, e.g. a GGUF).
+    llama_guard: EngineConfig | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     summarize: SummarizeConfig = field(default_factory=SummarizeConfig)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
@@ -227,6 +260,9 @@ def _checked(config: Config) -> Config:
         ("generation.temperature", 0.0 <= g.temperature <= 2.0, "must be between 0 and 2"),
         ("generation.top_p", 0.0 < g.top_p <= 1.0, "must be in (0, 1]"),
         ("summarize.summary_tokens", config.summarize.summary_tokens >= 16, "must be at least 16"),
+        ("safety.window_tokens", 1 <= config.safety.window_tokens <= 256, "must be between 1 and 256"),
+        ("safety.rules", all(0 <= (t if t is not None else 0) <= 1 for r in config.safety.rules
+                             for t in (r.block, r.flag)), "thresholds must be between 0 and 1"),
     ]
     for key, ok, why in rules:
         if not ok:

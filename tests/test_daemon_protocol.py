@@ -202,7 +202,7 @@ def test_sigterm_drains_running_stream_then_exits_zero(daemons: Daemons) -> None
 def test_sigterm_cancels_what_outlives_the_grace_period(daemons: Daemons) -> None:
     d = daemons.start({**fake_config(reply="g" * 5000, token_delay_ms=5), "server": {"shutdown_grace_s": 0.3}})
     with Client(d.socket) as c:
-        rid = c.send({"op": "chat", "messages": [{"role": "user", "content": "go"}]})
+        rid = c.send({"op": "chat", "messages": [{"role": "user", "content": "go"}], "max_tokens": 250})
         queued = c.send({"op": "chat", "messages": [{"role": "user", "content": "later"}]})
         next(c.events(rid))
         d.proc.terminate()

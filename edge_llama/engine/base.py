@@ -84,6 +84,11 @@ class Engine(ABC):
     @abstractmethod
     def detokenize(self, ids: Sequence[int]) -> str: ...
 
+    def next_token_probs(self, prompt_ids: Sequence[int], candidates: Sequence[int]) -> list[float]:
+        """Probability of each candidate as the next token after the prompt (for classifier-style models such as
+        Llama Guard). Backends that cannot give it raise NotImplementedError."""
+        raise NotImplementedError(f"the {self.name} backend cannot score next tokens")
+
     @abstractmethod
     def generate(self, prompt_ids: Sequence[int], params: GenParams, cancel: threading.Event) -> Iterator[Chunk]:
         """Stream the reply to `prompt_ids`. Checks `cancel` between prompt batches and between tokens, and ends

@@ -67,6 +67,14 @@ class FakeEngine(Engine):
         last_user = turns[-1].split("<|end|>")[0] if len(turns) > 1 else ""
         return f"You said: {last_user}"
 
+    def next_token_probs(self, prompt_ids: Sequence[int], candidates: Sequence[int]) -> list[float]:
+        """Scripted: candidates starting with "u" (as in "unsafe") are likely when the prompt contains
+        fake.unsafe_on."""
+        prompt = self.detokenize_with_specials(prompt_ids)
+        unsafe = bool(self._script.unsafe_on) and self._script.unsafe_on in prompt
+        likely = [c == ord("u") for c in candidates]
+        return [(0.97 if unsafe else 0.02) if u else (0.03 if unsafe else 0.98) for u in likely]
+
     def generate(self, prompt_ids: Sequence[int], params: GenParams, cancel: threading.Event) -> Iterator[Chunk]:
         prompt = self.detokenize_with_specials(prompt_ids)
         for _ in range(len(prompt_ids)):

@@ -144,6 +144,20 @@ class LlamaCppEngine(Engine):
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._loaded().detokenize(list(ids)).decode("utf-8", errors="replace")
 
+    def next_token_probs(self, prompt_ids: Sequence[int], candidates: Sequence[int]) -> list[float]:
+        import llama_cpp
+        import numpy as np
+
+        llm = self._loaded()
+        prompt = list(prompt_ids)
+        llm.n_tokens = common_prefix_len(llm.input_ids[: llm.n_tokens].tolist(), prompt[:-1])
+        llm.eval(prompt[llm.n_tokens:])
+        vocab = llm.n_vocab()
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
+        shifted = np.exp(logits - logits.max())
+        probs = shifted / shifted.sum()
+        return [float(probs[c]) for c in candidates]
+
     def generate(self, prompt_ids: Sequence[int], params: GenParams, cancel: threading.Event) -> Iterator[Chunk]:
         import llama_cpp
 

@@ -25,6 +25,7 @@ from edge_llama.engine import GenParams, create_engine
 from edge_llama.errors import EdgeLlamaError, InternalError, SocketInUse
 from edge_llama.prompting.template import ChatTemplate, template_for
 from edge_llama.protocol import Message
+from edge_llama.safety.hooks import SafetyPolicy
 from edge_llama.service.access import policy_for
 from edge_llama.service.handlers import Handlers
 from edge_llama.service.scheduler import Scheduler
@@ -84,7 +85,9 @@ class Daemon:
             template = await self._load(scheduler)
             if self._exit:
                 return
-            handlers = Handlers(self.config, scheduler, template, sessions)
+            safety = SafetyPolicy.from_config(self.config.safety)
+            log.info("safety: %s", ", ".join(h.name for h in safety.hooks) if safety.active else "off")
+            handlers = Handlers(self.config, scheduler, template, sessions, safety)
             sock = activated or bind_unix_socket(path, self.config.server.socket_mode)
             server = Server(self.config, handlers)
             server.socket_file = path
@@ -149,11 +152,13 @@ class Daemon:
             new = with_overrides(load_config(self.config_file), self.overrides)
             new, ignored = live_update(self.config, new)
             policy = policy_for(new.server, server.socket_file)
+            safety = SafetyPolicy.from_config(new.safety) if new.safety != self.config.safety else handlers.safety
         except EdgeLlamaError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc.message)
             self.notifier.ready(f"reload failed: {exc.message}; {self._status(handlers)}")
             return
         server.policy = policy
+        handlers.safety = safety
         self._install(new, server, handlers)
         if ignored:
             log.warning("reload: %s changed but only take effect after a restart", ", ".join(ignored))

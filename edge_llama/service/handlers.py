@@ -6,6 +6,7 @@ exactly one `done` line.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -15,12 +16,16 @@ from typing import Any
 from edge_llama import __version__
 from edge_llama.config import Config
 from edge_llama.engine.base import GenParams
-from edge_llama.errors import BadRequest
+from edge_llama.errors import BadRequest, Cancelled, SafetyBlocked
 from edge_llama.prompting.context import FittedPrompt, fit_prompt
 from edge_llama.prompting.template import ChatTemplate
 from edge_llama.protocol import ChatRequest, InfoRequest, Message, done_event, token_event
+from edge_llama.safety.guard import StreamGuard
+from edge_llama.safety.hooks import SafetyPolicy, Verdict
 from edge_llama.service.scheduler import CancelToken, Outcome, Scheduler
 from edge_llama.service.sessions import SessionStore
+
+log = logging.getLogger("edge_llama.safety")
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -43,8 +48,10 @@ class Stats:
 
 
 class Handlers:
-    def __init__(self, config: Config, scheduler: Scheduler, template: ChatTemplate, sessions: SessionStore) -> None:
+    def __init__(self, config: Config, scheduler: Scheduler, template: ChatTemplate, sessions: SessionStore,
+                 safety: SafetyPolicy) -> None:
         self.config = config
+        self.safety = safety
         self.scheduler = scheduler
         self.engine = scheduler.engine
         self.template = template
@@ -64,17 +71,60 @@ class Handlers:
     def fit(self, messages: list[Message] | tuple[Message, ...], reserve: int) -> FittedPrompt:
         return fit_prompt(self.template, self.engine.tokenize, messages, reserve, self.engine.capacity.kv_tokens)
 
+    def check_input(self, texts: list[str], request_id: str) -> Verdict:
+        """Input hooks: a block answers `safety_blocked` before the model runs."""
+        if not self.safety.active:
+            return Verdict()
+        verdict = self.safety.check(texts, "input")
+        self.log_verdict(verdict, "input", request_id, texts)
+        if verdict.action == "block":
+            raise SafetyBlocked(self.safety.config.refusal)
+        return verdict
+
+    def log_verdict(self, verdict: Verdict, kind: str, request_id: str, texts: list[str]) -> None:
+        if verdict.action == "allow" and not verdict.error:
+            return
+        fields = {"REQUEST_ID": request_id, "SAFETY_KIND": kind, "SAFETY_ACTION": verdict.action,
+                  "SAFETY_CATEGORIES": ",".join(f"{k}={v:.3f}" for k, v in verdict.categories.items()),
+                  "SAFETY_HOOKS": ",".join(verdict.hooks)}
+        if self.safety.config.log_texts:
+            fields["SAFETY_TEXT"] = " | ".join(texts)[:2000]
+        log.warning("safety %s %s on %s", verdict.action, fields["SAFETY_CATEGORIES"] or verdict.error, kind,
+                    extra=fields)
+
     async def run(
         self, prompt: FittedPrompt, params: GenParams, cancel: CancelToken, received: float,
-        on_token: Callable[[str], Awaitable[None]] | None,
-    ) -> tuple[Outcome, dict[str, float]]:
-        """One engine turn; returns the outcome and the request's timings for `done`."""
+        on_text: Callable[[str], Awaitable[None]] | None, guarded: bool = True, request_id: str = "",
+    ) -> tuple[Outcome, dict[str, float], Verdict]:
+        """One engine turn through the streaming guard (when safety is on and `guarded`). Returns the outcome
+        (its text: what passed the guard; finish "safety" on a block), the timings for `done`, the verdict."""
+        guard = StreamGuard(self.safety) if guarded and self.safety.active else None
+
+        async def emit(text: str, tokens: int) -> None:
+            if guard is not None:
+                text = guard.feed(text, tokens)
+                if guard.blocked:
+                    cancel.cancel(Cancelled("stopped by the safety guard"))
+            if text and on_text is not None:
+                await on_text(text)
+
         async with self.scheduler.turn(cancel):
             queue_ms = (time.monotonic() - received) * 1000
-            outcome = await self.scheduler.generate(prompt.ids, params, cancel, on_token)
+            outcome = await self.scheduler.generate(prompt.ids, params, cancel, emit)
+        verdict = Verdict()
+        if guard is not None:
+            if outcome.finish != "cancelled" or guard.blocked:
+                tail = guard.finish(outcome.text)
+                if tail and on_text is not None:
+                    await on_text(tail)
+            verdict = guard.verdict
+            self.log_verdict(verdict, "output", request_id, [outcome.text])
+            outcome.text = "".join(guard.released)
+            if guard.blocked:
+                outcome.finish = "safety"
         timings = {"queue_ms": round(queue_ms, 2), "ttft_ms": outcome.ttft_ms, "decode_tok_s": outcome.decode_tok_s}
         self.stats.record(len(prompt.ids), outcome, timings)
-        return outcome, timings
+        return outcome, timings, verdict
 
     # --- chat ----------------------------------------------------------------------------------------------
     async def chat(self, req: ChatRequest, cancel: CancelToken, received: float, send: Send) -> None:
@@ -86,8 +136,10 @@ class Handlers:
             top_p=gen.top_p if req.top_p is None else req.top_p,
             seed=req.seed,
         )
+        input_verdict = self.check_input([m.content for m in req.messages if m.role != "assistant"], req.id)
         if req.session is None:
-            prompt, outcome, timings = await self._reply(req, list(req.messages), params, cancel, received, send)
+            prompt, outcome, timings, verdict = await self._reply(req, list(req.messages), params, cancel, received,
+                                                                  send)
         else:
             async with self.sessions.lock(req.session):
                 history = self.sessions.load(req.session)
@@ -96,8 +148,11 @@ class Handlers:
                     history = [m for m in history if m.role != "system"]
                 others = [m for m in req.messages if m.role != "system"]
                 conversation = new_system + history + others
-                prompt, outcome, timings = await self._reply(req, conversation, params, cancel, received, send)
-                if outcome.text:  # saved before `done`: a client that saw `done` can rely on it, even after a crash
+                prompt, outcome, timings, verdict = await self._reply(req, conversation, params, cancel, received,
+                                                                      send)
+                # Saved before `done`: a client that saw `done` can rely on it, even after a crash. A turn whose
+                # answer was blocked or cancelled before any text is not kept.
+                if outcome.text and outcome.finish != "safety":
                     self.sessions.save(req.session, conversation + [Message("assistant", outcome.text)])
         await send(done_event(
             req.id,
@@ -107,12 +162,13 @@ class Handlers:
             timings=timings,
             truncated=prompt.truncated,
             session=req.session,
+            safety=self.safety_report(input_verdict.merge(verdict)),
         ))
 
     async def _reply(
         self, req: ChatRequest, conversation: list[Message], params: GenParams, cancel: CancelToken,
         received: float, send: Send,
-    ) -> tuple[FittedPrompt, Outcome, dict[str, float]]:
+    ) -> tuple[FittedPrompt, Outcome, dict[str, float], Verdict]:
         system_prompt = self.config.generation.system_prompt
         if system_prompt and (not conversation or conversation[0].role != "system"):
             conversation = [Message("system", system_prompt)] + conversation
@@ -121,8 +177,18 @@ class Handlers:
         async def stream(text: str) -> None:
             await send(token_event(req.id, text))
 
-        outcome, timings = await self.run(prompt, params, cancel, received, stream if req.stream else None)
-        return prompt, outcome, timings
+        outcome, timings, verdict = await self.run(prompt, params, cancel, received, stream if req.stream else None,
+                                                   request_id=req.id)
+        return prompt, outcome, timings, verdict
+
+    def safety_report(self, verdict: Verdict) -> dict[str, Any] | None:
+        """`done.safety`: present when something was flagged or blocked (with the refusal text on a block)."""
+        if verdict.action == "allow" and not verdict.error:
+            return None
+        report = verdict.as_dict()
+        if verdict.action == "block":
+            report["refusal"] = self.safety.config.refusal
+        return report
 
     # --- health / stats ------------------------------------------------------------------------------------
     def info(self, req: InfoRequest) -> dict[str, Any]:

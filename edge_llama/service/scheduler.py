@@ -205,9 +205,10 @@ class Scheduler:
         prompt_ids: Sequence[int],
         params: GenParams,
         cancel: CancelToken,
-        on_token: Callable[[str], Awaitable[None]] | None = None,
+        on_token: Callable[[str, int], Awaitable[None]] | None = None,
     ) -> Outcome:
-        """Run one generation (inside a `turn()`); `on_token` gets the text made since its last call."""
+        """Run one generation (inside a `turn()`); `on_token(text, tokens)` gets the text made since its last
+        call and how many tokens it is."""
         loop = asyncio.get_running_loop()
         bridge = _Bridge(loop, self.stream_interval_s)
         clock = {"start": time.monotonic(), "first": 0.0, "last": 0.0}  # written by the engine thread
@@ -234,6 +235,7 @@ class Scheduler:
             while finish is None:
                 batch = await bridge.take()
                 text = []
+                before = tokens
                 for item in batch:
                     if isinstance(item, BaseException):
                         if isinstance(item, EdgeLlamaError):
@@ -246,7 +248,7 @@ class Scheduler:
                 if piece:
                     pieces.append(piece)
                     if on_token is not None:
-                        await on_token(piece)
+                        await on_token(piece, tokens - before)
         finally:
             if finish is None:  # the consumer failed or was cancelled: stop the engine within one token
                 cancel.cancel(Cancelled("generation abandoned"))

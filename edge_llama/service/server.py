@@ -240,7 +240,8 @@ class Server:
                     f"uid {peer.uid} is not allowed to use this daemon (ask for the client group)")))
                 writer.close()
                 return
-            await conn.serve()
+            with contextlib.suppress(asyncio.CancelledError):  # drain() cancels what outlives shutdown
+                await conn.serve()
         finally:
             self.connections.discard(task)
 

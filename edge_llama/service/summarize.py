@@ -23,6 +23,7 @@ SENTENCE = re.compile(r"(?<=[.!?;:])\s+")
 WORD = re.compile(r"\s+")
 SAFETY_TOKENS = 16  # slack for tokens merging differently at chunk joins
 TEMPERATURE = 0.2  # summaries should stick to the text
+INPUT_SLICE = 2000  # characters per input safety check of a document
 
 
 def spans(text: str, limit: int, count: Callable[[str], int]) -> list[tuple[int, int]]:
@@ -77,6 +78,9 @@ async def summarize(h: Handlers, req: SummarizeRequest, cancel: CancelToken, rec
     limit = kv - max(step_tokens, final_tokens) - overhead - SAFETY_TOKENS
     count = lambda s: len(h.engine.tokenize(s))  # noqa: E731
     text = req.text
+    # The document is input too (an injection hidden in it is the classic case): checked in slices.
+    input_verdict = h.check_input([text[i:i + INPUT_SLICE] for i in range(0, len(text), INPUT_SLICE)], req.id)
+    verdicts: list = []
     chunks = await h.scheduler.call(spans, text, limit, count)  # tokenizing a long text: off the event loop
     total = len(chunks) + (1 if len(chunks) > 1 else 0)
     style = " Answer as a short bulleted list." if req.style == "bullets" else ""
@@ -93,20 +97,26 @@ async def summarize(h: Handlers, req: SummarizeRequest, cancel: CancelToken, rec
         async def stream(piece: str) -> None:
             await send(token_event(req.id, piece))
 
-        outcome, timings = await h.run(prompt, params, cancel, received, stream if final and req.stream else None)
+        outcome, timings, verdict = await h.run(prompt, params, cancel, received,
+                                                stream if final and req.stream else None, guarded=final,
+                                                request_id=req.id)
+        verdicts.append(verdict)
         first_turn.setdefault("queue_ms", timings["queue_ms"])
         usage["prompt_tokens"] += len(prompt.ids)
         usage["completion_tokens"] += outcome.completion_tokens
-        if counted and outcome.finish != "cancelled":
+        if counted and outcome.finish not in ("cancelled", "safety"):
             done += 1
             await send(progress_event(req.id, done, total))
         return outcome.text.strip(), outcome.finish, timings
 
     async def finish(text: str, reason: str, timings: dict[str, float]) -> None:
+        combined = input_verdict
+        for verdict in verdicts:
+            combined = combined.merge(verdict)
         await send(done_event(
             req.id, text=None if req.stream else text, finish_reason=reason, usage=usage,
             timings={**timings, "queue_ms": first_turn["queue_ms"]},  # engine figures of the last step
-            chunks=len(chunks),
+            chunks=len(chunks), safety=h.safety_report(combined),
         ))
 
     await send(progress_event(req.id, 0, total))

