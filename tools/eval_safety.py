@@ -35,8 +35,8 @@ def rates(p: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, floa
     fp = int((predicted & (labels == 0)).sum())
     fn = int((~predicted & (labels == 1)).sum())
     tn = int((~predicted & (labels == 0)).sum())
-    return {"threshold": threshold, "precision": round(tp / max(1, tp + fp), 4), "recall": round(tp / max(1, tp + fn), 4),
-            "fpr": round(fp / max(1, fp + tn), 4), "n": len(labels)}
+    return {"threshold": threshold, "precision": round(tp / max(1, tp + fp), 4),
+            "recall": round(tp / max(1, tp + fn), 4), "fpr": round(fp / max(1, fp + tn), 4), "n": len(labels)}
 
 
 def main() -> None:

@@ -96,9 +96,11 @@ def main() -> int:
         "ppl_fp": round(ppl_fp, 3), "ppl_rtn": round(ppl_rtn, 3), "ppl_awq": round(ppl_awq, 3),
         "awq_over_fp": round(ppl_awq / ppl_fp, 4), "awq_below_rtn": ppl_awq < ppl_rtn,
         "ppl_awq_modelopt_in_memory": round(ppl_awq_model, 3),
-        "reference_vs_modelopt_max_abs_logit_diff": round(max_diff, 4), "reference_top1_agreement": round(top1, 4),
+        "reference_vs_modelopt_max_abs_logit_diff": round(max_diff, 4),
+        "reference_top1_agreement": round(top1, 4),
         "quantize_s": round(quantize_s, 1), "checkpoint_mb": round(checkpoint_mb, 1),
-        "algorithm": args.algorithm, "block_size": args.block_size, "calib": f"{calibrated.sequences}x{args.calib_seq_len} builtin",
+        "algorithm": args.algorithm, "block_size": args.block_size,
+        "calib": f"{calibrated.sequences}x{args.calib_seq_len} builtin",
         "eval_tokens": len(ids), "model": "SmolLM2-135M-Instruct (from the embedded GGUF)",
         "targets": {"ppl_awq_below_rtn": True, "awq_over_fp_max": 1.15},
     }))

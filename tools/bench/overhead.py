@@ -1,7 +1,8 @@
 """What the daemon costs over calling the backend directly: the same prompts through the Unix socket and straight
 into the llama.cpp engine, alternating, in one run.
 
-Both sides use the same model, thread count, KV budget, template and greedy decoding, so they produce the same
+The daemon runs with its safety guard off (tools/bench/safety.py measures that separately). Both sides use the
+same model, thread count, KV budget, template and greedy decoding, so they produce the same
 tokens (checked). Each prompt is new to both KV caches. Client-side timings for the socket: TTFT from sending
 the request line to the first token line; decode rate from the first to the last token line.
 
@@ -81,8 +82,11 @@ def main() -> int:
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="el-bench-", dir="/tmp"))
-    daemon = DaemonProcess(workdir / "s.sock", ["--state-dir", str(workdir / "state"), "--kv-tokens", str(KV_TOKENS)],
-                           log=workdir / "daemon.log")
+    # The safety guard is off here: this measures the daemon's own cost (socket, protocol, scheduling);
+    # tools/bench/safety.py measures the guard's.
+    (workdir / "config.yaml").write_text("safety:\n  enabled: false\n")
+    daemon = DaemonProcess(workdir / "s.sock", ["--state-dir", str(workdir / "state"), "--kv-tokens", str(KV_TOKENS),
+                                                "--config", str(workdir / "config.yaml")], log=workdir / "daemon.log")
     engine = LlamaCppEngine(EngineConfig(kv_tokens=KV_TOKENS))
     engine.load()
     template = template_for(None, engine.template_info)

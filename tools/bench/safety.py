@@ -47,11 +47,16 @@ def latency(policy: SafetyPolicy, kind: str, runs: int) -> tuple[float, float]:
 
 def run(client: Client, text: str, max_tokens: int) -> dict:
     sent = time.perf_counter()
-    done = client.call({"op": "chat", "messages": [{"role": "user", "content": text}], "temperature": 0,
-                        "max_tokens": max_tokens, "stream": True})
+    first = 0.0
+    for event in client.events(client.send({"op": "chat", "messages": [{"role": "user", "content": text}],
+                                            "temperature": 0, "max_tokens": max_tokens, "stream": True})):
+        if event["event"] == "token" and not first:
+            first = time.perf_counter()
+        done = event
     elapsed = time.perf_counter() - sent
     return {"e2e_tok_s": done["usage"]["completion_tokens"] / elapsed, "decode_tok_s": done["timings"]["decode_tok_s"],
-            "tokens": done["usage"]["completion_tokens"], "finish": done["finish_reason"]}
+            "tokens": done["usage"]["completion_tokens"], "finish": done["finish_reason"],
+            "first_text_ms": (first - sent) * 1000}
 
 
 def main() -> int:
@@ -101,6 +106,9 @@ def main() -> int:
         "guard_ratio": round(on / off, 4), "guard_on_tok_s": round(on, 1), "guard_off_tok_s": round(off, 1),
         "decode_tok_s_on": round(statistics.median(r["on"]["decode_tok_s"] for r in rows), 1),
         "decode_tok_s_off": round(statistics.median(r["off"]["decode_tok_s"] for r in rows), 1),
+        # The guard holds text back by design: the first text arrives one window (+ 4 words) later.
+        "first_text_ms_on": round(statistics.median(r["on"]["first_text_ms"] for r in rows), 1),
+        "first_text_ms_off": round(statistics.median(r["off"]["first_text_ms"] for r in rows), 1),
         "same_token_counts": all(r["on"]["tokens"] == r["off"]["tokens"] for r in rows),
         "prompts": len(rows), "max_tokens": args.max_tokens, "text_chars": len(TEXT),
         "targets": {"check_p50_ms": 0.2, "guard_ratio": 0.97},
