@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from edge_llama.errors import ModelError
+from edge_llama.errors import InternalError, ModelError
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -65,17 +65,25 @@ class Engine(ABC):
     def close(self) -> None:  # noqa: B027 - backends without native resources need nothing here
         """Free native resources."""
 
+    # Set by load(); backends that know them earlier may override the properties.
+    _capacity: Capacity | None = None
+    _template: TemplateInfo | None = None
+
     @property
-    @abstractmethod
-    def capacity(self) -> Capacity: ...
+    def capacity(self) -> Capacity:
+        if self._capacity is None:
+            raise InternalError("engine used before load()")
+        return self._capacity
+
+    @property
+    def template_info(self) -> TemplateInfo:
+        if self._template is None:
+            raise InternalError("engine used before load()")
+        return self._template
 
     @property
     @abstractmethod
     def model_name(self) -> str: ...
-
-    @property
-    @abstractmethod
-    def template_info(self) -> TemplateInfo: ...
 
     @abstractmethod
     def tokenize(self, text: str) -> list[int]:

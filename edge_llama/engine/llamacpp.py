@@ -66,8 +66,6 @@ class LlamaCppEngine(Engine):
         self._config = config
         self._path = resolve_model_path(config.model)
         self._llm: Any = None
-        self._capacity: Capacity | None = None
-        self._template: TemplateInfo | None = None
 
     def load(self) -> None:
         try:
@@ -122,21 +120,9 @@ class LlamaCppEngine(Engine):
         return self._llm
 
     @property
-    def capacity(self) -> Capacity:
-        if self._capacity is None:
-            raise InternalError("engine used before load()")
-        return self._capacity
-
-    @property
     def model_name(self) -> str:
         meta = self._llm.metadata if self._llm is not None else {}
         return meta.get("general.name") or self._path.stem
-
-    @property
-    def template_info(self) -> TemplateInfo:
-        if self._template is None:
-            raise InternalError("engine used before load()")
-        return self._template
 
     def tokenize(self, text: str) -> list[int]:
         return self._loaded().tokenize(text.encode("utf-8"), add_bos=False, special=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_llama.config import EngineConfig
-from edge_llama.engine.base import Capacity, Chunk, Engine, GenParams, TemplateInfo, tokenizer_config_info
+from edge_llama.engine.base import Capacity, Chunk, Engine, GenParams, tokenizer_config_info
 from edge_llama.errors import ConfigError, InternalError, ModelError
 from edge_llama.pipeline.manifest import verify_manifest
 
@@ -66,10 +66,8 @@ class TrtLlmEngine(Engine):
         self._manifest = verify_manifest(self._dir, kind="trtllm-engine", backend="trtllm")
         self._runner: Any = None
         self._tokenizer: Any = None
-        self._template: TemplateInfo | None = None
         self._end_ids: list[int] = []
         self._pad_id = 0
-        self._capacity: Capacity | None = None
 
     def load(self) -> None:
         try:
@@ -149,20 +147,8 @@ class TrtLlmEngine(Engine):
         self._runner = None
 
     @property
-    def capacity(self) -> Capacity:
-        if self._capacity is None:
-            raise InternalError("engine used before load()")
-        return self._capacity
-
-    @property
     def model_name(self) -> str:
         return str((self._manifest.get("model") or {}).get("name") or self._dir.name)
-
-    @property
-    def template_info(self) -> TemplateInfo:
-        if self._template is None:
-            raise InternalError("engine used before load()")
-        return self._template
 
     def tokenize(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids
