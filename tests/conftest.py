@@ -62,13 +62,20 @@ def daemons(workdir: Path) -> Iterator[Daemons]:
     d.stop_all()
 
 
+# Protocol tests script exact token timing: the safety guard (which holds text back by design) is off here and
+# on in tests/test_safety.py (`guarded`).
 FAKE = {"engine": {"backend": "fake", "kv_tokens": 512}, "generation": {"max_tokens": 64, "max_tokens_ceiling": 256},
-        "summarize": {"summary_tokens": 32}}
+        "summarize": {"summary_tokens": 32}, "safety": {"enabled": False}}
 
 
 def fake_config(**fake: Any) -> dict[str, Any]:
     """Config for the scripted engine; keyword arguments go to engine.fake (reply, token_delay_ms, ...)."""
     return {**FAKE, "engine": {**FAKE["engine"], "fake": fake}}
+
+
+def guarded(config: dict[str, Any], **safety: Any) -> dict[str, Any]:
+    """`config` with the safety hook on (defaults plus `safety` overrides)."""
+    return {**config, "safety": dict(safety)}
 
 
 def chat(client: Client, text: str, **fields: Any) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:

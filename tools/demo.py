@@ -34,7 +34,7 @@ def main() -> int:
     sock = workdir / "edge-llama.sock"
     print(f"== starting the daemon on {sock} (embedded SmolLM2-135M-Instruct, llama.cpp on the CPU)")
     started = time.monotonic()
-    daemon = DaemonProcess(sock, ["--state-dir", str(workdir / "state"), "--kv-tokens", "1024"],
+    daemon = DaemonProcess(sock, ["--state-dir", str(workdir / "state"), "--kv-tokens", "512"],
                            log=workdir / "daemon.log")
     try:
         health = daemon.wait_ready()
@@ -49,7 +49,7 @@ def main() -> int:
                   f"{t['decode_tok_s']:.0f} tok/s, finish {done['finish_reason']}]")
             text = files("edge_llama").joinpath("data/sample.txt").read_text(encoding="utf-8")
             print(f"\n== summary of the bundled text ({len(text.split())} words)")
-            done = stream(client, {"op": "summarize", "text": text, "max_tokens": 160})
+            done = stream(client, {"op": "summarize", "text": text, "max_tokens": 120})
             print(f"   [{done['chunks']} chunk(s), {done['usage']['prompt_tokens']} prompt tokens]")
     finally:
         status = daemon.stop()

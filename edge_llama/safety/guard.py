@@ -13,7 +13,8 @@ import re
 
 from edge_llama.safety.hooks import SafetyPolicy, Verdict
 
-KEEP_WORDS = 4  # trailing words held back after a passing window
+KEEP_WORDS = 4  # trailing words held back after a passing window...
+KEEP_CHARS = 48  # ...but never more than this many characters (text without spaces: code, CJK)
 
 
 class StreamGuard:
@@ -59,7 +60,7 @@ class StreamGuard:
         cut = len(held)
         if keep_words:
             starts = [m.start() for m in re.finditer(r"\S+", held)]
-            cut = starts[-keep_words] if len(starts) > keep_words else 0
+            cut = max(starts[-keep_words] if len(starts) > keep_words else 0, len(held) - KEEP_CHARS)
         text, rest = held[:cut], held[cut:]
         self._held, self._held_tokens = ([rest], 0) if rest else ([], 0)
         if text:
