@@ -23,7 +23,7 @@ def test_streamed_answer_equals_non_streamed(daemons: Daemons) -> None:
         whole = c.call({"op": "chat", "messages": [{"role": "user", "content": "What is the largest planet?"}],
                         "temperature": 0, "max_tokens": 40, "stream": False})
     tokens = [e for e in events if e["event"] == "token"]
-    assert len(tokens) > 3 and streamed.strip()
+    assert len(tokens) >= 2 and streamed.strip()  # streamed in pieces (released window by window by the guard)
     assert whole["text"] == streamed
     assert done["usage"]["completion_tokens"] == whole["usage"]["completion_tokens"] <= 40
     assert done["timings"]["ttft_ms"] > 0 and done["timings"]["decode_tok_s"] > 0
