@@ -1,7 +1,8 @@
 """Shared by the safety model tools: the numbers-only TF-IDF + linear-model ONNX graph, and its feature spec.
 
-Graph (opset 13; every op is supported by TensorRT): tf [N, V] -> Mul(idf) -> row L2 norm -> MatMul(W [V, K])
--> Add(b [K]) -> calibrated sigmoid expit(-(A*f + B)) -> ReduceMean over the K models -> p [N, 1].
+Graph (opset 13; every op is supported by TensorRT): tf [N, V] -> TF-IDF, row L2 norm and MatMul(W [V, K])
+computed as (tf @ (idf*W)) / sqrt(tf^2 @ idf^2) -> Add(b [K]) -> calibrated sigmoid expit(-(A*f + B)) ->
+ReduceMean over the K models -> p [N, 1].
 A linear model with a plain sigmoid is K=1, A=-1, B=0.
 """
 
@@ -23,14 +24,15 @@ def tfidf_linear_graph(idf: np.ndarray, weights: np.ndarray, bias: np.ndarray, c
     def const(array: np.ndarray, cname: str):  # type: ignore[no-untyped-def]
         return numpy_helper.from_array(np.asarray(array, dtype=np.float32), cname)
 
+    # tf is sparse and V is large: keep elementwise work on [N, V] to one Mul, move the rest into MatMuls.
+    # (tf*idf)/||tf*idf|| @ W == (tf @ (idf*W)) / sqrt(tf^2 @ idf^2)
     nodes = [
-        helper.make_node("Mul", ["tf", "idf"], ["tfidf"]),
-        helper.make_node("Mul", ["tfidf", "tfidf"], ["sq"]),
-        helper.make_node("ReduceSum", ["sq", "axes1"], ["sumsq"], keepdims=1),
+        helper.make_node("MatMul", ["tf", "idfW"], ["raw_unnormed"]),
+        helper.make_node("Mul", ["tf", "tf"], ["tf2"]),
+        helper.make_node("MatMul", ["tf2", "idf2"], ["sumsq"]),
         helper.make_node("Sqrt", ["sumsq"], ["norm"]),
         helper.make_node("Max", ["norm", "eps"], ["safe_norm"]),
-        helper.make_node("Div", ["tfidf", "safe_norm"], ["unit"]),
-        helper.make_node("MatMul", ["unit", "W"], ["raw"]),
+        helper.make_node("Div", ["raw_unnormed", "safe_norm"], ["raw"]),
         helper.make_node("Add", ["raw", "b"], ["f"]),
         helper.make_node("Mul", ["f", "A"], ["af"]),
         helper.make_node("Add", ["af", "B"], ["afb"]),
@@ -38,8 +40,8 @@ def tfidf_linear_graph(idf: np.ndarray, weights: np.ndarray, bias: np.ndarray, c
         helper.make_node("Sigmoid", ["neg"], ["p_each"]),
         helper.make_node("ReduceMean", ["p_each"], ["p"], axes=[1], keepdims=1),
     ]
-    initializers = [const(idf, "idf"), const(weights, "W"), const(bias, "b"), const(cal_a, "A"), const(cal_b, "B"),
-                    const(np.array([1e-12]), "eps"), numpy_helper.from_array(np.array([1], dtype=np.int64), "axes1")]
+    initializers = [const(idf[:, None] * weights, "idfW"), const((idf**2)[:, None], "idf2"), const(bias, "b"),
+                    const(cal_a, "A"), const(cal_b, "B"), const(np.array([1e-12]), "eps")]
     graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("tf", TensorProto.FLOAT, ["N", v])],
                               [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", 1])], initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="edge-llama")

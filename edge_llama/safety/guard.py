@@ -38,7 +38,8 @@ class StreamGuard:
             return ""
         self._held.append(text)
         self._held_tokens += tokens
-        if self._held_tokens < self.window:
+        # The first window is half size: the first words reach the reader sooner; later windows are full.
+        if self._held_tokens < (self.window if self.released else max(1, self.window // 2)):
             return ""
         return self._check_held()
 
