@@ -10,7 +10,7 @@ demo: setup
 
 test: setup
 	@$(PY) -m ruff check edge_llama tests tools
-	@$(PY) -m pytest -q
+	@$(PY) -m pytest -q -rs
 
 lint: setup
 	@$(PY) -m ruff check edge_llama tests tools
