@@ -15,12 +15,14 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 from edge_llama import __version__
 from edge_llama.errors import ConfigError, ModelError
+from edge_llama.pipeline.awq_fused import clip_search, fuse_shared_inputs, round_pre_quant_scales, unfuse
 from edge_llama.pipeline.manifest import file_entries, hash_files, write_manifest
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
@@ -36,9 +38,13 @@ class QuantizeOptions:
     calib_size: int = 32  # sequences (TRT-LLM's own script caps AWQ at 32)
     calib_seq_len: int = 512  # tokens per sequence
     kv_int8: bool = False
-    algorithm: str = "awq_lite"  # INT4_AWQ_CFG's own; awq_full adds modelopt's weight-clipping search (slower)
+    clip: bool = True  # AWQ's per-group weight-clip search after the scale search (seconds; see awq_fused)
     device: str = "auto"  # auto | cuda | cpu
     force: bool = False  # overwrite a non-empty output folder
+
+    @property
+    def method(self) -> str:
+        return "awq_lite with one scale per fused group" + (" + clip search" if self.clip else "")
 
 
 def read_hf_config(model_dir: Path) -> dict[str, Any]:
@@ -109,15 +115,12 @@ def calibration_batches(tokenizer: Any, text: str, count: int, seq_len: int) -> 
     return [torch.as_tensor(ids[i * seq_len:(i + 1) * seq_len]).unsqueeze(0) for i in range(n)]
 
 
-def awq_config(block_size: int, kv_int8: bool, algorithm: str = "awq_lite") -> dict[str, Any]:
+def awq_config(block_size: int, kv_int8: bool) -> dict[str, Any]:
     import copy
 
     import modelopt.torch.quantization as mtq
 
-    if algorithm not in ("awq_lite", "awq_full"):
-        raise ConfigError(f"--algorithm {algorithm}: use awq_lite or awq_full")
-    cfg = copy.deepcopy(mtq.INT4_AWQ_CFG)
-    cfg["algorithm"] = {**cfg["algorithm"], "method": algorithm}
+    cfg = copy.deepcopy(mtq.INT4_AWQ_CFG)  # algorithm: awq_lite
     for entry in cfg["quant_cfg"]:
         if entry.get("quantizer_name") == "*weight_quantizer":
             entry["cfg"]["block_sizes"][-1] = block_size
@@ -200,7 +203,13 @@ def calibrate(opts: QuantizeOptions) -> Calibrated:
             for batch in tqdm(batches, desc="calibration", unit="seq", file=sys.stderr):
                 m(batch.to(device))
 
-    mtq.quantize(model, awq_config(opts.block_size, opts.kv_int8, opts.algorithm), forward_loop)
+    # One scale per fused group (q/k/v, gate/up), fp16-exact, then the clip search: see awq_fused.
+    fuse_shared_inputs(model)
+    mtq.quantize(model, awq_config(opts.block_size, opts.kv_int8), forward_loop)
+    unfuse(model)
+    round_pre_quant_scales(model)
+    if opts.clip:
+        clip_search(model, batches, device, partial(tqdm, file=sys.stderr))
     return Calibrated(model, tokenizer, hf_config, len(batches), device, str(dtype).replace("torch.", ""),
                       time.monotonic() - started)
 
@@ -232,7 +241,7 @@ def export(calibrated: Calibrated, opts: QuantizeOptions) -> Path:
     return write_manifest(opts.out, kind="trtllm-checkpoint", fields={
         "source_model": {"path": str(opts.model), "sha256": hash_files(opts.model, source_files)},
         "quantization": {"algo": trt_config.get("quantization", {}).get("quant_algo", "W4A16_AWQ"),
-                         "group_size": opts.block_size, "method": opts.algorithm,
+                         "group_size": opts.block_size, "method": opts.method,
                          "kv_cache": "int8" if opts.kv_int8 else "fp16"},
         "calibration": {"source": opts.calib, "sequences": calibrated.sequences, "seq_len": opts.calib_seq_len,
                         "device": calibrated.device, "dtype": calibrated.dtype},

@@ -51,7 +51,7 @@ def main() -> int:
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--calib-size", type=int, default=32)
     parser.add_argument("--calib-seq-len", type=int, default=256)
-    parser.add_argument("--algorithm", default="awq_lite", choices=["awq_lite", "awq_full"])
+    parser.add_argument("--no-clip", dest="clip", action="store_false", help="skip the per-group clip search")
     parser.add_argument("--eval-tokens", type=int, default=2048)
     parser.add_argument("--window", type=int, default=256)
     args = parser.parse_args()
@@ -75,7 +75,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="el-awq-") as tmp:
         opts = QuantizeOptions(model=model_dir, out=Path(tmp) / "ckpt", block_size=args.block_size,
-                               calib_size=args.calib_size, calib_seq_len=args.calib_seq_len, algorithm=args.algorithm)
+                               calib_size=args.calib_size, calib_seq_len=args.calib_seq_len, clip=args.clip)
         started = time.monotonic()
         calibrated = calibrate(opts)
         ppl_awq_model = perplexity(hf_logits(calibrated.model), ids, args.window)
@@ -99,7 +99,7 @@ def main() -> int:
         "reference_vs_modelopt_max_abs_logit_diff": round(max_diff, 4),
         "reference_top1_agreement": round(top1, 4),
         "quantize_s": round(quantize_s, 1), "checkpoint_mb": round(checkpoint_mb, 1),
-        "algorithm": args.algorithm, "block_size": args.block_size,
+        "method": opts.method, "block_size": args.block_size,
         "calib": f"{calibrated.sequences}x{args.calib_seq_len} builtin",
         "eval_tokens": len(ids), "model": "SmolLM2-135M-Instruct (from the embedded GGUF)",
         "targets": {"ppl_awq_below_rtn": True, "awq_over_fp_max": 1.15},
