@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--calib-size", type=int, default=32, metavar="N", help="calibration sequences")
     quant.add_argument("--calib-seq-len", type=int, default=512, metavar="TOKENS", help="tokens per sequence")
     quant.add_argument("--kv-int8", action="store_true", help="also calibrate an INT8 KV cache (halves KV memory)")
+    quant.add_argument("--alpha-step", type=float, default=0.05, metavar="STEP",
+                       help="grid step of AWQ's scale search over alpha in [0, 1] (default 0.05; 0.1 halves the "
+                       "search time at slightly higher error)")
     quant.add_argument("--no-clip", dest="clip", action="store_false",
                        help="skip AWQ's per-group weight-clip search (on by default; it takes seconds and lowers "
                        "the INT4 error)")
@@ -171,7 +174,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         manifest = quantize(QuantizeOptions(
             model=args.model, out=args.out, block_size=args.block_size, calib=args.calib,
             calib_size=args.calib_size, calib_seq_len=args.calib_seq_len, kv_int8=args.kv_int8,
-            clip=args.clip, device=args.device, force=args.force))
+            alpha_step=args.alpha_step, clip=args.clip, device=args.device, force=args.force))
         print(manifest)
         return 0
     if args.command == "plan":

@@ -200,22 +200,24 @@ def search_clip(weight: Any, moment: Any, block: int) -> tuple[Any, float]:
     returns (amax [out, in/block], relative reduction of the summed output error versus no clipping)."""
     import torch
 
-    w = weight.detach().double().reshape(weight.shape[0], -1, block)  # [out, groups, block]
+    w = weight.detach().reshape(weight.shape[0], -1, block)  # [out, groups, block]
     full = w.abs().amax(-1).clamp(min=1e-12)
     best_loss = torch.full_like(full, float("inf"))
     best_amax = full.clone()
     baseline = None
+    moment = moment.float()  # accumulated in float64; float32 is plenty to rank the candidates
+    w = w.float()
     for ratio in CLIP_RATIOS:
         amax = full * ratio
         scale = (amax / INT4_MAX).unsqueeze(-1)
         d = (w - (w / scale).round().clamp(-INT4_MAX - 1, INT4_MAX) * scale).transpose(0, 1)  # [groups, out, block]
         loss = ((d @ moment) * d).sum(-1).transpose(0, 1)  # d^T H d: [out, groups]
         if baseline is None:
-            baseline = float(loss.sum())
+            baseline = float(loss.double().sum())
         better = loss < best_loss
         best_loss = torch.where(better, loss, best_loss)
         best_amax = torch.where(better, amax, best_amax)
-    return best_amax.float(), 1.0 - float(best_loss.sum()) / max(baseline or 0.0, 1e-30)
+    return best_amax, 1.0 - float(best_loss.double().sum()) / max(baseline or 0.0, 1e-30)
 
 
 def clip_search(model: Any, batches: list[Any], device: str, progress: Any) -> float:

@@ -51,6 +51,7 @@ def main() -> int:
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--calib-size", type=int, default=32)
     parser.add_argument("--calib-seq-len", type=int, default=256)
+    parser.add_argument("--alpha-step", type=float, default=0.05)
     parser.add_argument("--no-clip", dest="clip", action="store_false", help="skip the per-group clip search")
     parser.add_argument("--eval-tokens", type=int, default=2048)
     parser.add_argument("--window", type=int, default=256)
@@ -75,15 +76,18 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="el-awq-") as tmp:
         opts = QuantizeOptions(model=model_dir, out=Path(tmp) / "ckpt", block_size=args.block_size,
-                               calib_size=args.calib_size, calib_seq_len=args.calib_seq_len, clip=args.clip)
+                               calib_size=args.calib_size, calib_seq_len=args.calib_seq_len,
+                               alpha_step=args.alpha_step, clip=args.clip)
         started = time.monotonic()
         calibrated = calibrate(opts)
-        ppl_awq_model = perplexity(hf_logits(calibrated.model), ids, args.window)
+        quantize_s = time.monotonic() - started
+        ppl_awq_model = perplexity(hf_logits(calibrated.model), ids, args.window)  # before export, which may touch it
         probe = ids[: args.window]
         with torch.no_grad():
             model_logits = calibrated.model(probe.unsqueeze(0)).logits[0]
+        started = time.monotonic()
         export(calibrated, opts)
-        quantize_s = time.monotonic() - started
+        quantize_s += time.monotonic() - started  # calibration + export, not the evaluation between them
         reference = ReferenceLlama(opts.out)
         ppl_awq = perplexity(reference.forward, ids, args.window)
         with torch.no_grad():
