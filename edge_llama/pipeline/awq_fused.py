@@ -184,7 +184,7 @@ def input_second_moments(model: Any, batches: list[Any], device: str, progress: 
         m.weight_quantizer.disable()
     try:
         with torch.no_grad():
-            for batch in progress(batches, desc="clip search: statistics", unit="seq"):
+            for batch in progress(batches, desc="clip search: statistics", unit="batch"):
                 last.clear()
                 model(batch.to(device))
     finally:

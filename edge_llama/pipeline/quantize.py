@@ -26,6 +26,9 @@ from edge_llama.pipeline.awq_fused import clip_search, fuse_shared_inputs, round
 from edge_llama.pipeline.manifest import file_entries, hash_files, write_manifest
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+# awq_lite fake-quantizes every weight once per alpha per forward call, whatever the batch holds: several
+# sequences per call make the search ~3x faster on a CPU, with the same statistics.
+TOKENS_PER_FORWARD = 2048
 MODELOPT_VERSION = "0.47.0"  # export_tensorrt_llm_checkpoint is deprecated in 0.48 and removed in 0.49
 
 
@@ -104,7 +107,8 @@ def calibration_text(source: str) -> str:
 
 
 def calibration_batches(tokenizer: Any, text: str, count: int, seq_len: int) -> list[Any]:
-    """`count` windows of `seq_len` consecutive tokens (fewer when the text is short), shape [1, seq_len]."""
+    """`count` windows of `seq_len` consecutive tokens (fewer when the text is short), stacked into batches of
+    [sequences, seq_len] with up to TOKENS_PER_FORWARD tokens each."""
     import torch
 
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
@@ -114,7 +118,8 @@ def calibration_batches(tokenizer: Any, text: str, count: int, seq_len: int) -> 
     if n < count:
         print(f"quantize: calibration text gives {n} sequences of {seq_len} tokens (asked for {count})",
               file=sys.stderr)
-    return [torch.as_tensor(ids[i * seq_len:(i + 1) * seq_len]).unsqueeze(0) for i in range(n)]
+    windows = torch.as_tensor(ids[:n * seq_len]).reshape(n, seq_len)
+    return list(windows.split(max(1, TOKENS_PER_FORWARD // seq_len)))
 
 
 def awq_config(block_size: int, kv_int8: bool, alpha_step: float) -> dict[str, Any]:
@@ -202,11 +207,14 @@ def calibrate(opts: QuantizeOptions) -> Calibrated:
     tokenizer = AutoTokenizer.from_pretrained(opts.model)
     model = AutoModelForCausalLM.from_pretrained(opts.model, dtype=dtype).to(device).eval()
     batches = calibration_batches(tokenizer, text, opts.calib_size, opts.calib_seq_len)
+    sequences = sum(batch.shape[0] for batch in batches)
 
     def forward_loop(m: Any) -> None:
         with torch.no_grad():
-            for batch in tqdm(batches, desc="calibration", unit="seq", file=sys.stderr):
-                m(batch.to(device))
+            with tqdm(total=sequences, desc="calibration", unit="seq", file=sys.stderr) as bar:
+                for batch in batches:
+                    m(batch.to(device))
+                    bar.update(batch.shape[0])
 
     # One scale per fused group (q/k/v, gate/up), fp16-exact, then the clip search: see awq_fused.
     fuse_shared_inputs(model)
@@ -215,7 +223,7 @@ def calibrate(opts: QuantizeOptions) -> Calibrated:
     round_pre_quant_scales(model)
     if opts.clip:
         clip_search(model, batches, device, partial(tqdm, file=sys.stderr))
-    return Calibrated(model, tokenizer, hf_config, len(batches), device, str(dtype).replace("torch.", ""),
+    return Calibrated(model, tokenizer, hf_config, sequences, device, str(dtype).replace("torch.", ""),
                       time.monotonic() - started)
 
 
