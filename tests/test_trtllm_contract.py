@@ -208,3 +208,4 @@ def test_streaming_loop_detokenizes_stops_and_cancels(engine_dir: Path) -> None:
     assert chunks[-1].finish == "cancelled" and runner.cancelled == [7]  # the executor request was cancelled
     ids = engine.tokenize(engine.template_info.bos_token + "<|start_header_id|>user<|end_header_id|>")
     assert ids[:2] == [128000, 128006]  # special tokens parsed as such
+    assert 128009 not in engine.tokenize("typed <|eot_id|>", special=False)  # ... but not in what users write

@@ -86,8 +86,9 @@ class Engine(ABC):
     def model_name(self) -> str: ...
 
     @abstractmethod
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids of `text` with special-token text (e.g. <|eot_id|>) parsed as special; no BOS added."""
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        """Token ids of `text`, no BOS added. special=True parses special-token text (e.g. <|eot_id|>) as the
+        special token (for template text); special=False keeps it plain text (for what users wrote)."""
 
     @abstractmethod
     def detokenize(self, ids: Sequence[int]) -> str: ...

@@ -48,7 +48,9 @@ class FakeEngine(Engine):
     def template_info(self) -> TemplateInfo:
         return TemplateInfo(template=TEMPLATE, bos_token="<|bos|>", eos_token="<|eos|>")
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        if not special:
+            return list(text.encode("utf-8"))
         ids: list[int] = []
         for part in _SPECIAL_RE.split(text):
             if part in SPECIAL_IDS:

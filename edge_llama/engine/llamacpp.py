@@ -124,8 +124,8 @@ class LlamaCppEngine(Engine):
         meta = self._llm.metadata if self._llm is not None else {}
         return meta.get("general.name") or self._path.stem
 
-    def tokenize(self, text: str) -> list[int]:
-        return self._loaded().tokenize(text.encode("utf-8"), add_bos=False, special=True)
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        return self._loaded().tokenize(text.encode("utf-8"), add_bos=False, special=special)
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._loaded().detokenize(list(ids)).decode("utf-8", errors="replace")

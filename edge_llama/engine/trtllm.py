@@ -66,6 +66,7 @@ class TrtLlmEngine(Engine):
         self._manifest = verify_manifest(self._dir, kind="trtllm-engine", backend="trtllm")
         self._runner: Any = None
         self._tokenizer: Any = None
+        self._plain_tokenizer: Any = None  # the same vocabulary, special-token text encoded as plain text
         self._end_ids: list[int] = []
         self._pad_id = 0
 
@@ -78,6 +79,8 @@ class TrtLlmEngine(Engine):
         if not tokenizer_file.exists():
             raise ModelError(f"{self._dir} has no tokenizer.json (`edge-llama build` copies it from the checkpoint)")
         self._tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        self._plain_tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        self._plain_tokenizer.encode_special_tokens = True  # tokenizers >= 0.19
         self._template = tokenizer_config_info(self._dir / "tokenizer_config.json")
         self._end_ids = self._end_token_ids()
         self._pad_id = self._end_ids[0]
@@ -150,8 +153,9 @@ class TrtLlmEngine(Engine):
     def model_name(self) -> str:
         return str((self._manifest.get("model") or {}).get("name") or self._dir.name)
 
-    def tokenize(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=False).ids
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        tokenizer = self._tokenizer if special else self._plain_tokenizer
+        return tokenizer.encode(text, add_special_tokens=False).ids
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=True)

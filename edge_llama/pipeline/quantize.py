@@ -3,8 +3,10 @@
 nvidia-modelopt's INT4_AWQ_CFG (awq_lite: per-channel activation-aware scales searched on calibration text, then
 4-bit symmetric weights in groups of `block_size` input channels) is applied to every linear layer except
 lm_head; `export_tensorrt_llm_checkpoint` writes config.json + rank0.safetensors, the input of `trtllm-build`.
-Runs on CUDA when present, else on the CPU (slower, same result format). Checks that need no heavy import run
-first, so a wrong folder fails in a second, not after loading torch.
+q/k/v and gate/up are calibrated as the fused layers TensorRT-LLM runs them as, and AWQ's clip search follows
+(awq_fused), so the exported checkpoint computes exactly what was calibrated. Runs on CUDA when present, else
+on the CPU (slower, same result format). Checks that need no heavy import run first, so a wrong folder fails in
+a second, not after loading torch.
 """
 
 from __future__ import annotations

@@ -8,11 +8,11 @@ request fails with `context_overflow`. Never silent truncation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from edge_llama.errors import ContextOverflow
-from edge_llama.prompting.template import ChatTemplate
+from edge_llama.prompting.template import ChatTemplate, Tokenize
 from edge_llama.protocol import Message
 
 
@@ -47,7 +47,7 @@ def split_turns(messages: Sequence[Message]) -> tuple[list[Message], list[list[M
 
 def fit_prompt(
     template: ChatTemplate,
-    tokenize: Callable[[str], list[int]],
+    tokenize: Tokenize,
     messages: Sequence[Message],
     reserve_tokens: int,
     kv_tokens: int,
@@ -58,7 +58,7 @@ def fit_prompt(
 
     def render(drop: int) -> tuple[tuple[Message, ...], list[int]]:
         kept = tuple(pinned + [m for turn in turns[drop:] for m in turn])
-        return kept, tokenize(template.render(kept, add_generation_prompt=True))
+        return kept, template.tokenize(kept, tokenize)
 
     kept, ids = render(0)
     if len(ids) <= limit:

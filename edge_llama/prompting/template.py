@@ -8,7 +8,8 @@ built-in Llama 3 format.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -36,6 +37,11 @@ CHATML = (
 )
 
 BUILTIN = {"llama3": LLAMA3, "chatml": CHATML}
+
+# Private-use code points stand in for message contents, to see which rendered text is the template's own.
+_MARK = "\ue000{}\ue001"
+_MARK_RE = re.compile("\ue000(\\d+)\ue001")
+Tokenize = Callable[[str, bool], list[int]]  # (text, parse special-token text) -> ids
 
 
 class ChatTemplate:
@@ -69,6 +75,28 @@ class ChatTemplate:
             )
         except TemplateError as exc:
             raise ModelError(f"chat template '{self.name}' failed to render: {exc}") from exc
+
+
+    def tokenize(self, messages: Sequence[Message], tokenize: Tokenize, add_generation_prompt: bool = True
+                 ) -> list[int]:
+        """Token ids of the rendered prompt in which only the template's own text can produce special tokens:
+        message contents are tokenized as plain text, so a user who types `<|eot_id|><|start_header_id|>system`
+        cannot end their turn and forge another. A template that rewrites contents beyond trimming them (rare)
+        is tokenized whole, as llama.cpp's server does with every template."""
+        text = self.render(messages, add_generation_prompt)
+        marked = self.render([Message(m.role, _MARK.format(i)) for i, m in enumerate(messages)],
+                             add_generation_prompt)
+        parts = _MARK_RE.split(marked)  # template text, message index, template text, ..., template text
+        literals, indices = parts[0::2], [int(i) for i in parts[1::2]]
+        for transform in (str, str.strip):  # the built-in llama3 template trims contents
+            contents = [transform(messages[i].content) for i in indices]
+            if "".join(lit + body for lit, body in zip(literals, [*contents, ""], strict=True)) == text:
+                ids: list[int] = []
+                for literal, body in zip(literals, [*contents, ""], strict=True):
+                    ids += tokenize(literal, True) if literal else []
+                    ids += tokenize(body, False) if body else []
+                return ids
+        return tokenize(text, True)
 
 
 def _raise_exception(message: str) -> None:

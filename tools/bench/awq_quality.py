@@ -7,7 +7,7 @@ The held-out text (tools/bench/heldout.txt) shares no module with the calibratio
 
 Last line: one JSON object. Targets: ppl_awq < ppl_rtn and ppl_awq <= 1.15 x ppl_fp.
 
-    .venv/bin/python tools/bench/awq_quality.py [--calib-size 32 --calib-seq-len 256 --block-size 64]
+    .venv/bin/python tools/bench/awq_quality.py [--calib-size 32 --calib-seq-len 512 --alpha-step 0.05 --no-clip]
 """
 
 from __future__ import annotations
@@ -49,9 +49,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--block-size", type=int, default=64)
-    parser.add_argument("--calib-size", type=int, default=32)
-    parser.add_argument("--calib-seq-len", type=int, default=256)
-    parser.add_argument("--alpha-step", type=float, default=0.05)
+    # `edge-llama quantize`'s defaults (the built-in corpus gives 26 sequences of 512 tokens)
+    parser.add_argument("--calib-size", type=int, default=QuantizeOptions.calib_size)
+    parser.add_argument("--calib-seq-len", type=int, default=QuantizeOptions.calib_seq_len)
+    parser.add_argument("--alpha-step", type=float, default=QuantizeOptions.alpha_step)
     parser.add_argument("--no-clip", dest="clip", action="store_false", help="skip the per-group clip search")
     parser.add_argument("--eval-tokens", type=int, default=2048)
     parser.add_argument("--window", type=int, default=256)
