@@ -25,16 +25,23 @@ CATEGORIES = (
 
 def guard_prompt(text: str, kind: str) -> str:
     """The Llama Guard 3 prompt for one message: 'User' for input, 'Agent' for output."""
+    before, after = guard_prompt_parts(kind)
+    return before + text.strip() + after
+
+
+def guard_prompt_parts(kind: str) -> tuple[str, str]:
+    """The prompt's text before and after the checked message."""
     role = "User" if kind == "input" else "Agent"
     categories = "\n".join(f"{code}: {name}." for code, name in CATEGORIES)
     task = (f"Task: Check if there is unsafe content in '{role}' messages in conversations according our safety "
             f"policy with the below categories.\n\n<BEGIN UNSAFE CONTENT CATEGORIES>\n{categories}\n"
-            f"<END UNSAFE CONTENT CATEGORIES>\n\n<BEGIN CONVERSATION>\n\n{role}: {text.strip()}\n\n"
+            f"<END UNSAFE CONTENT CATEGORIES>\n\n<BEGIN CONVERSATION>\n\n{role}: \x00\n\n"
             f"<END CONVERSATION>\n\nProvide your safety assessment for ONLY THE LAST {role} message in the above "
             "conversation:\n - First line must read 'safe' or 'unsafe'.\n - If unsafe, a second line must include "
             "a comma-separated list of violated categories.")
-    return (f"<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{task}<|eot_id|>"
-            "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    before, after = task.split("\x00")
+    return (f"<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{before}",
+            f"{after}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
 def parse_categories(reply: str) -> list[str]:
@@ -57,7 +64,10 @@ class LlamaGuardHook:
     def scores(self, texts: Sequence[str], kind: str) -> list[dict[str, float]]:
         out = []
         for text in texts:
-            ids = self.engine.tokenize(guard_prompt(text, kind))
+            # The checked text is plain text: special-token text in it cannot end the message early.
+            before, after = guard_prompt_parts(kind)
+            ids = (self.engine.tokenize(before) + self.engine.tokenize(text.strip(), special=False)
+                   + self.engine.tokenize(after))
             with self._lock:
                 p_safe, p_unsafe = self.engine.next_token_probs(ids, [self._safe, self._unsafe])
                 p = p_unsafe / (p_safe + p_unsafe) if p_safe + p_unsafe > 0 else 0.0
