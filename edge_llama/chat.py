@@ -9,6 +9,7 @@ sent a `cancel`), at the prompt as "clear the line"; Ctrl-D or /exit leaves.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from edge_llama.config import state_dir
 from edge_llama.errors import BadRequest, EdgeLlamaError
 
 HELP = """commands:
-  /reset   start a new conversation          /stats   daemon statistics
+  /reset   forget this conversation          /stats   daemon statistics
   /exit    leave (or Ctrl-D)                 /help    this text
 input: end a line with \\ to continue it; a line with only \"\"\" opens and closes a multi-line block.
 Ctrl-C stops the answer being written."""
@@ -139,7 +140,17 @@ def interactive(client: Client, args: argparse.Namespace) -> int:
     health = client.call({"op": "health"})
     print(f"edge-llama chat: {health['model']} ({health['backend']}, KV budget {health['kv_tokens']} tokens). "
           "/help for commands.")
+    # Without --session the conversation lives only as long as this prompt: the daemon forgets it on exit.
     session = args.session or new_session_id()
+    try:
+        return _loop(client, args, session)
+    finally:
+        if not args.session:
+            with contextlib.suppress(EdgeLlamaError, OSError):
+                client.call({"op": "forget", "session": session})
+
+
+def _loop(client: Client, args: argparse.Namespace, session: str) -> int:
     first = True
     while True:
         try:
@@ -159,8 +170,9 @@ def interactive(client: Client, args: argparse.Namespace) -> int:
             print(HELP)
             continue
         if command == "/reset":
-            session, first = new_session_id(), True
-            print("[new conversation]")
+            client.call({"op": "forget", "session": session})
+            first = True
+            print("[conversation forgotten; new conversation]")
             continue
         if command == "/stats":
             stats = client.call({"op": "stats"})

@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "With -m TEXT, or text on stdin, prints one streamed answer.")
     socket_arg(chat)
     chat.add_argument("-m", "--message", metavar="TEXT", help="send one message, print the answer, exit")
-    chat.add_argument("--session", metavar="ID", help="keep the conversation in this daemon session")
+    chat.add_argument("--session", metavar="ID", help="keep the conversation in this daemon session (it stays "
+                      "after you leave; without --session the interactive prompt's conversation is forgotten on "
+                      "exit)")
     chat.add_argument("--system", metavar="TEXT", help="system prompt for this conversation")
     chat.add_argument("--max-tokens", type=int, metavar="N", help="reply length limit in tokens")
     chat.add_argument("--temperature", type=float, metavar="T")

@@ -59,6 +59,15 @@ class CancelRequest:
 
 
 @dataclass(frozen=True)
+class ForgetRequest:
+    """Delete a session's stored conversation (after any request running on it)."""
+
+    id: str
+    session: str
+    op: Literal["forget"] = "forget"
+
+
+@dataclass(frozen=True)
 class InfoRequest:
     """`health` or `stats`: answered at once by one `done` line."""
 
@@ -66,7 +75,7 @@ class InfoRequest:
     op: Literal["health", "stats"]
 
 
-Request = ChatRequest | SummarizeRequest | CancelRequest | InfoRequest
+Request = ChatRequest | SummarizeRequest | CancelRequest | ForgetRequest | InfoRequest
 
 
 # --- parsing ---------------------------------------------------------------------------------------------------
@@ -130,10 +139,16 @@ def _parse_object(obj: dict[str, Any], max_messages: int) -> Request:
     if op == "cancel":
         _only(obj, {"id", "op", "target"})
         return CancelRequest(id=request_id, target=_get(obj, "target", str, required=True))
+    if op == "forget":
+        _only(obj, {"id", "op", "session"})
+        session = _session(obj.get("session"))
+        if session is None:
+            raise BadRequest("'session' is required")
+        return ForgetRequest(id=request_id, session=session)
     if op in ("health", "stats"):
         _only(obj, {"id", "op"})
         return InfoRequest(id=request_id, op=op)
-    raise BadRequest(f"unknown op {op!r}: expected chat, summarize, cancel, health or stats")
+    raise BadRequest(f"unknown op {op!r}: expected chat, summarize, cancel, forget, health or stats")
 
 
 _TYPE_NAMES = {str: "a string", int: "a whole number", bool: "true or false", list: "a list", float: "a number"}

@@ -87,10 +87,18 @@ def test_interactive_chat_streams_cancels_and_resets(daemons: Daemons) -> None:
     child.sendintr()
     child.expect(r"\[answer stopped\]")
     child.expect(">>> ")
+    sessions = daemons.workdir / "state" / "sessions"
+    assert len(list(sessions.glob("*.json"))) == 1
     child.sendline("/reset")
-    child.expect(r"\[new conversation\]")
+    child.expect(r"\[conversation forgotten; new conversation\]")
+    assert not list(sessions.glob("*.json"))
+    child.sendline("hello again")
+    child.expect("You said: hello again")
+    child.expect(">>> ")
+    assert len(list(sessions.glob("*.json"))) == 1
     child.sendline("/exit")
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+    assert not list(sessions.glob("*.json"))  # no --session: nothing left behind
     assert daemons.workdir.joinpath("edge-llama", "chat_history").exists()  # input history kept for next time

@@ -105,6 +105,19 @@ def test_queue_is_first_come_first_served(daemons: Daemons) -> None:
     assert order == [(ids[i], f"You said: n{i}") for i in range(3)]
 
 
+def test_forget_waits_for_the_running_answer_then_deletes_the_session(daemons: Daemons) -> None:
+    d = daemons.start(fake_config(reply="y" * 200, token_delay_ms=5))
+    stored = daemons.workdir / "state" / "sessions" / "s1.json"
+    with Client(d.socket) as c:
+        rid = c.send({"op": "chat", "messages": [{"role": "user", "content": "hi"}], "session": "s1"})
+        forget = c.send({"op": "forget", "session": "s1"})  # while the answer streams
+        assert list(c.events(rid))[-1]["finish_reason"] in ("stop", "length")  # the answer was not cut short
+        assert list(c.events(forget))[-1] == {"id": forget, "event": "done", "session": "s1", "found": True}
+        assert not stored.exists()
+        again = c.send({"op": "forget", "session": "s1"})
+        assert list(c.events(again))[-1]["found"] is False
+
+
 def test_cancel_request_stops_generation(daemons: Daemons) -> None:
     d = daemons.start(fake_config(reply="y" * 2000, token_delay_ms=5))
     with Client(d.socket) as c:

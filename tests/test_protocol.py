@@ -43,6 +43,7 @@ def test_summarize_defaults() -> None:
      "bad_request", "unknown field 'extra'"),
     ({"id": "x", "op": "summarize", "text": "  "}, "bad_request", "empty"),
     ({"op": "health"}, "bad_request", "'id' is required"),
+    ({"id": "x", "op": "forget"}, "bad_request", "'session' is required"),
 ])
 def test_bad_requests(obj: object, code: str, fragment: str) -> None:
     with pytest.raises(RequestError) as info:

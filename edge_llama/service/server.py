@@ -32,6 +32,7 @@ from edge_llama.errors import (
 from edge_llama.protocol import (
     CancelRequest,
     ChatRequest,
+    ForgetRequest,
     InfoRequest,
     RequestError,
     SummarizeRequest,
@@ -170,6 +171,8 @@ class Connection:
             await self.send(done_event(req.id, target=req.target, found=job is not None))
         elif req.id in self.jobs:
             await self.reply_error(req.id, BadRequest(f"id {req.id!r} is already in use on this connection"))
+        elif isinstance(req, ForgetRequest):  # a task: it may wait for a chat on that session to finish
+            self.jobs[req.id] = (asyncio.create_task(self.forget(req)), CancelToken())
         else:
             try:
                 admission = self.server.handlers.scheduler.admit()
@@ -204,6 +207,13 @@ class Connection:
             admission.release()
             self.jobs.pop(req.id, None)
             self.server.cancels.discard(cancel)
+
+    async def forget(self, req: ForgetRequest) -> None:
+        try:
+            found = await self.server.handlers.sessions.forget(req.session)
+            await self.send(done_event(req.id, session=req.session, found=found))
+        finally:
+            self.jobs.pop(req.id, None)
 
     async def reply_error(self, request_id: str | None, exc: EdgeLlamaError) -> None:
         self.server.handlers.stats.errors[exc.code] += 1

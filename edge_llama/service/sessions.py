@@ -62,8 +62,14 @@ class SessionStore:
         finally:
             os.close(dir_fd)
 
-    def delete(self, session: str) -> None:
-        self._path(session).unlink(missing_ok=True)
+    async def forget(self, session: str) -> bool:
+        """Delete the stored conversation once requests on it are done; False when there was none."""
+        async with self.lock(session):
+            try:
+                self._path(session).unlink()
+            except FileNotFoundError:
+                return False
+            return True
 
     def _bounded(self, messages: list[Message]) -> list[Message]:
         """Keep leading system messages and the newest messages, starting at a user turn."""
