@@ -17,3 +17,16 @@ class KeywordHook:
 
     def scores(self, texts, kind):  # type: ignore[no-untyped-def]
         return [{"keyword": 1.0 if "forbidden-word" in t else 0.0} for t in texts]
+
+
+class SlowKeywordHook(KeywordHook):
+    """KeywordHook that takes 0.6 s per check, as a model-based classifier can; declared slow."""
+
+    name = "slow_keyword"
+    slow = True
+
+    def scores(self, texts, kind):  # type: ignore[no-untyped-def]
+        import time
+
+        time.sleep(0.6)
+        return super().scores(texts, kind)

@@ -115,6 +115,20 @@ def test_policy_reloads_on_sighup(daemons: Daemons) -> None:
     assert text == "You said: say forbidden-word" and done["safety"]["action"] == "flag"
 
 
+def test_a_slow_hook_does_not_stall_other_clients(daemons: Daemons) -> None:
+    rules = [{"category": "keyword", "block": 0.5, "on": ["input"]}]
+    config = guarded(fake_config(), hooks=["safety_hooks:SlowKeywordHook"], rules=rules)
+    d = daemons.start(config, env={"PYTHONPATH": TESTS})
+    with Client(d.socket) as c, Client(d.socket) as other:
+        rid = c.send({"op": "chat", "messages": [{"role": "user", "content": "say forbidden-word"}]})
+        time.sleep(0.1)  # the input check is running now
+        started = time.monotonic()
+        assert other.call({"op": "health"})["state"] == "ready"
+        assert time.monotonic() - started < 0.3  # answered while the check still runs
+        with pytest.raises(SafetyBlocked):
+            list(c.events(rid))
+
+
 def test_llama_guard_hook_on_a_second_engine(daemons: Daemons) -> None:
     guard_engine = {"backend": "fake", "kv_tokens": 4096, "fake": {"unsafe_on": "bomb", "reply": "unsafe\nS9"}}
     config = guarded(fake_config(), hooks=["llama_guard"], llama_guard=guard_engine,

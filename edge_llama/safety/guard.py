@@ -32,7 +32,7 @@ class StreamGuard:
     def blocked(self) -> bool:
         return self.verdict.action == "block"
 
-    def feed(self, text: str, tokens: int) -> str:
+    async def feed(self, text: str, tokens: int) -> str:
         """Take newly generated text; return what may be sent now ("" while held or once blocked)."""
         if self.blocked:
             return ""
@@ -41,17 +41,17 @@ class StreamGuard:
         # The first window is half size: the first words reach the reader sooner; later windows are full.
         if self._held_tokens < (self.window if self.released else max(1, self.window // 2)):
             return ""
-        return self._check_held()
+        return await self._check_held()
 
-    def finish(self, full_text: str) -> str:
+    async def finish(self, full_text: str) -> str:
         """The generation ended: check the whole text, then release what is still held (or nothing)."""
         if self.blocked:
             return ""
-        self.verdict = self.verdict.merge(self.policy.check([full_text], "output"))
+        self.verdict = self.verdict.merge(await self.policy.check_async([full_text], "output"))
         return "" if self.blocked else self._release(keep_words=0)
 
-    def _check_held(self) -> str:
-        self.verdict = self.verdict.merge(self.policy.check([self._tail + "".join(self._held)], "output"))
+    async def _check_held(self) -> str:
+        self.verdict = self.verdict.merge(await self.policy.check_async([self._tail + "".join(self._held)], "output"))
         return "" if self.blocked else self._release(keep_words=KEEP_WORDS)
 
     def _release(self, keep_words: int) -> str:

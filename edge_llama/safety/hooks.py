@@ -8,6 +8,7 @@ arguments, or a ready object) with `name` and `scores(texts, kind) -> list[dict[
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 from collections.abc import Sequence
@@ -24,6 +25,10 @@ RANK = {"allow": 0, "flag": 1, "block": 2}
 
 
 class Hook(Protocol):
+    """Optional attributes: `categories` (skipped where no rule uses them), `window_words` (sees overlapping word
+    windows), `slow = True` (takes more than a few milliseconds, e.g. a model on an engine: the daemon then runs
+    checks in a worker thread so its event loop, other clients and the watchdog keep going)."""
+
     name: str
 
     def scores(self, texts: Sequence[str], kind: Kind) -> list[dict[str, float]]:
@@ -121,6 +126,7 @@ class SafetyPolicy:
         self.config = config
         self.hooks = hooks
         self._rules = {rule.category: rule for rule in config.rules}
+        self.slow = any(getattr(hook, "slow", False) for hook in hooks)
 
     @classmethod
     def from_config(cls, config: SafetyConfig) -> SafetyPolicy:
@@ -143,6 +149,13 @@ class SafetyPolicy:
         if rule.flag is not None and score >= rule.flag:
             return "flag"
         return "allow"
+
+    async def check_async(self, texts: Sequence[str], kind: Kind) -> Verdict:
+        """`check` from the event loop: inline for fast hooks (a thread hop costs more than they do), in a worker
+        thread when a hook is slow."""
+        if self.slow:
+            return await asyncio.to_thread(self.check, texts, kind)
+        return self.check(texts, kind)
 
     def check(self, texts: Sequence[str], kind: Kind) -> Verdict:
         """Each hook sees the texts cut the way it needs (`window_words`: overlapping word windows; otherwise

@@ -5,7 +5,8 @@ is the probability of "unsafe" as the first generated token (against "safe"); wh
 greedy continuation gives the second line, the violated categories ("S1,S10"). Scores are reported as
 `llama_guard` (P(unsafe)) and `llama_guard/S<n>` for each listed category, for the policy to act on.
 
-Slow compared with the built-in classifiers (one prompt evaluation per check): meant for input checks.
+Slow compared with the built-in classifiers (one prompt evaluation per check, run off the daemon's event loop):
+meant for input checks.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def parse_categories(reply: str) -> list[str]:
 
 class LlamaGuardHook:
     name = "llama_guard"
+    slow = True  # a prompt evaluation per check: the daemon runs it off its event loop
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine

@@ -71,11 +71,11 @@ class Handlers:
     def fit(self, messages: list[Message] | tuple[Message, ...], reserve: int) -> FittedPrompt:
         return fit_prompt(self.template, self.engine.tokenize, messages, reserve, self.engine.capacity.kv_tokens)
 
-    def check_input(self, texts: list[str], request_id: str) -> Verdict:
+    async def check_input(self, texts: list[str], request_id: str) -> Verdict:
         """Input hooks: a block answers `safety_blocked` before the model runs."""
         if not self.safety.active:
             return Verdict()
-        verdict = self.safety.check(texts, "input")
+        verdict = await self.safety.check_async(texts, "input")
         self.log_verdict(verdict, "input", request_id, texts)
         if verdict.action == "block":
             raise SafetyBlocked(self.safety.config.refusal)
@@ -102,7 +102,7 @@ class Handlers:
 
         async def emit(text: str, tokens: int) -> None:
             if guard is not None:
-                text = guard.feed(text, tokens)
+                text = await guard.feed(text, tokens)
                 if guard.blocked:
                     cancel.cancel(Cancelled("stopped by the safety guard"))
             if text and on_text is not None:
@@ -114,7 +114,7 @@ class Handlers:
         verdict = Verdict()
         if guard is not None:
             if outcome.finish != "cancelled" or guard.blocked:
-                tail = guard.finish(outcome.text)
+                tail = await guard.finish(outcome.text)
                 if tail and on_text is not None:
                     await on_text(tail)
             verdict = guard.verdict
@@ -136,7 +136,7 @@ class Handlers:
             top_p=gen.top_p if req.top_p is None else req.top_p,
             seed=req.seed,
         )
-        input_verdict = self.check_input([m.content for m in req.messages if m.role != "assistant"], req.id)
+        input_verdict = await self.check_input([m.content for m in req.messages if m.role != "assistant"], req.id)
         if req.session is None:
             prompt, outcome, timings, verdict = await self._reply(req, list(req.messages), params, cancel, received,
                                                                   send)

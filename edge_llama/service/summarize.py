@@ -79,7 +79,7 @@ async def summarize(h: Handlers, req: SummarizeRequest, cancel: CancelToken, rec
     count = lambda s: len(h.engine.tokenize(s))  # noqa: E731
     text = req.text
     # The document is input too (an injection hidden in it is the classic case): checked in slices.
-    input_verdict = h.check_input([text[i:i + INPUT_SLICE] for i in range(0, len(text), INPUT_SLICE)], req.id)
+    input_verdict = await h.check_input([text[i:i + INPUT_SLICE] for i in range(0, len(text), INPUT_SLICE)], req.id)
     verdicts: list = []
     chunks = await h.scheduler.call(spans, text, limit, count)  # tokenizing a long text: off the event loop
     total = len(chunks) + (1 if len(chunks) > 1 else 0)
