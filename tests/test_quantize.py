@@ -195,3 +195,51 @@ def test_clip_search_picks_the_amax_with_the_least_output_error() -> None:
             best = min(output_error(w, xg, full[row, g] * ratio) for ratio in CLIP_RATIOS)
             assert output_error(w, xg, amax[row, g]) <= best * (1 + 1e-4)
     assert (amax[:, 0] < full[:, 0]).all() and 0.05 < gain < 1
+
+
+def test_llama32_shapes_block_128_and_llama3_rope_scaling(tmp_path: Path) -> None:
+    """A 2-layer model with Llama-3.2-1B's structure (head_dim 64, 4:1 GQA, tied embeddings, llama3 rope scaling)
+    and random weights, quantized at group 128: the export carries the rope scaling, and the reference reads it
+    back exactly (without the scaling it would be off by 1e-2 at 512 positions)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("modelopt")
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from edge_llama.pipeline.awq_reference import ReferenceLlama, hf_state_dict
+    from edge_llama.pipeline.quantize import calibrate, export
+
+    sys.path.insert(0, str(REPO / "tools"))
+    from make_test_checkpoint import DEFAULT_OUT, make
+
+    tokenizer_dir = make(DEFAULT_OUT)
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    config = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=1, head_dim=64, max_position_embeddings=131072,
+                         tie_word_embeddings=True, rms_norm_eps=1e-5, rope_parameters=rope)
+    torch.manual_seed(0)
+    model_dir = tmp_path / "tiny-llama3"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(tokenizer_dir / name, model_dir / name)
+
+    opts = QuantizeOptions(model=model_dir, out=tmp_path / "ckpt", block_size=128, calib_size=2, calib_seq_len=64,
+                           alpha_step=0.25)
+    calibrated = calibrate(opts)
+    ids = torch.arange(100, 612)
+    with torch.no_grad():
+        quantized = calibrated.model(ids.unsqueeze(0)).logits[0]
+    export(calibrated, opts)
+    exported = json.loads((opts.out / "config.json").read_text())
+    assert exported["rotary_base"] == 500000.0 and exported["rotary_scaling"]["type"] == "llama3"
+    assert exported["quantization"]["group_size"] == 128 and exported["num_key_value_heads"] == 1
+
+    reference = ReferenceLlama(opts.out)
+    hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, tie_word_embeddings=False).eval()
+    hf.load_state_dict(hf_state_dict(reference), strict=False)
+    with torch.no_grad():
+        ours, theirs = reference.forward(ids), hf(ids.unsqueeze(0)).logits[0]
+    assert (ours - theirs).abs().max() < 1e-4
+    assert (ours - quantized).abs().max() < 0.01 * quantized.abs().max()
