@@ -243,3 +243,40 @@ def test_llama32_shapes_block_128_and_llama3_rope_scaling(tmp_path: Path) -> Non
         ours, theirs = reference.forward(ids), hf(ids.unsqueeze(0)).logits[0]
     assert (ours - theirs).abs().max() < 1e-4
     assert (ours - quantized).abs().max() < 0.01 * quantized.abs().max()
+
+
+def test_int8_kv_cache_export(tmp_path: Path) -> None:
+    """--kv-int8: one scale per layer for K and V in the checkpoint (TensorRT-LLM 0.12's kv_cache_scaling_factor:
+    value = int8 x scale; K after RoPE; the exporter takes the larger of modelopt's K and V ranges). The reference
+    applies it and tracks modelopt's in-memory model quantizing K and V with that shared range."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("modelopt")
+    from edge_llama.pipeline.awq_reference import ReferenceLlama
+    from edge_llama.pipeline.quantize import calibrate, export
+
+    sys.path.insert(0, str(REPO / "tools"))
+    from make_test_checkpoint import DEFAULT_OUT, make
+
+    opts = QuantizeOptions(model=make(DEFAULT_OUT), out=tmp_path / "ckpt", block_size=64, calib_size=2,
+                           calib_seq_len=128, alpha_step=0.25, kv_int8=True)
+    calibrated = calibrate(opts)
+    with torch.no_grad():
+        for name, attention in calibrated.model.named_modules():
+            if name.endswith("self_attn"):
+                k, v = attention.k_bmm_quantizer, attention.v_bmm_quantizer
+                k.amax = v.amax = torch.maximum(k.amax, v.amax)
+        shared = calibrated.model(probe_ids().unsqueeze(0)).logits[0]
+    manifest = json.loads(export(calibrated, opts).read_text())
+    assert manifest["quantization"]["kv_cache"] == "int8"
+    config = json.loads((opts.out / "config.json").read_text())
+    assert config["quantization"]["kv_cache_quant_algo"] == "INT8"
+    reference = ReferenceLlama(opts.out)
+    names = [f"transformer.layers.{i}.attention.kv_cache_scaling_factor" for i in range(30)]
+    assert all(reference.tensors[n].shape == (1,) and 0 < float(reference.tensors[n]) < 1 for n in names)
+    with torch.no_grad():
+        ours = reference.forward(probe_ids())
+        for name in names:
+            del reference.tensors[name]
+        without_int8_kv = reference.forward(probe_ids())
+    assert (ours - without_int8_kv).abs().max() > 0.1  # the INT8 KV cache is applied ...
+    assert (ours.argmax(-1) == shared.argmax(-1)).float().mean() > 0.9  # ... as modelopt computes it (0.97)

@@ -132,6 +132,8 @@ def unfuse(model: Any) -> None:
             part.weight_quantizer.reset_amax()
             part.weight_quantizer.amax = fused.weight_quantizer.amax.reshape(fused.weight.shape[0], -1)[
                 start:start + size].reshape(-1, 1).clone()
+            with torch.no_grad():
+                part.weight_quantizer(part.weight)  # derives the layout (and its export shape) from the slice
             setattr(parent, name, part)
             start += size
         delattr(parent, fused_name)

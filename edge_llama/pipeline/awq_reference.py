@@ -4,7 +4,9 @@ It reads rank0.safetensors itself, so it checks the file, not the model that pro
 - `weight` int8 [out/2, in]: two 4-bit two's-complement values per byte; the low nibble is output row 2j, the
   high nibble row 2j+1 (modelopt's pack_int4_in_uint8 packs along the output dimension);
 - `weights_scaling_factor` [out, in/group]: W[o, i] = q[o, i] * scale[o, i // group];
-- `prequant_scaling_factor` [in]: AWQ's per-input-channel scale, applied to the activations: y = (x * s) @ W^T.
+- `prequant_scaling_factor` [in]: AWQ's per-input-channel scale, applied to the activations: y = (x * s) @ W^T;
+- `kv_cache_scaling_factor` [1] per layer (INT8 KV cache only): K after RoPE and V are stored as
+  round(x / s) in int8.
 TensorRT-LLM names: attention.qkv (q, k, v stacked on the output dim), attention.dense, mlp.fc (gate_proj),
 mlp.gate (up_proj), mlp.proj (down_proj); SwiGLU is silu(fc(x)) * gate(x).
 """
@@ -87,6 +89,9 @@ class ReferenceLlama:
             k = qkv[:, q_dim:q_dim + kv_dim].view(n, self.kv_heads, self.head_dim).transpose(0, 1)
             v = qkv[:, q_dim + kv_dim:].view(n, self.kv_heads, self.head_dim).transpose(0, 1)
             q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+            kv_scale = t.get(f"{p}.attention.kv_cache_scaling_factor")
+            if kv_scale is not None:  # INT8 KV cache: K (after RoPE) and V stored as int8, one scale per layer
+                k, v = int8_round_trip(k, kv_scale.float()), int8_round_trip(v, kv_scale.float())
             repeat = self.heads // self.kv_heads  # grouped-query attention: each KV head serves `repeat` heads
             k, v = k.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)
             scores = q @ k.transpose(1, 2) / math.sqrt(self.head_dim) + mask
@@ -98,6 +103,10 @@ class ReferenceLlama:
         x = self.norm(x, "transformer.ln_f")
         head = t.get("lm_head.weight", t["transformer.vocab_embedding.weight"])
         return x @ head.float().T
+
+
+def int8_round_trip(x: Any, scale: Any) -> Any:
+    return (x / scale).round().clamp(-128, 127) * scale
 
 
 def rotate_half(x: Any) -> Any:

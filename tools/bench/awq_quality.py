@@ -53,6 +53,7 @@ def main() -> int:
     parser.add_argument("--calib-size", type=int, default=QuantizeOptions.calib_size)
     parser.add_argument("--calib-seq-len", type=int, default=QuantizeOptions.calib_seq_len)
     parser.add_argument("--alpha-step", type=float, default=QuantizeOptions.alpha_step)
+    parser.add_argument("--kv-int8", action="store_true", help="also an INT8 KV cache (the reference applies it)")
     parser.add_argument("--no-clip", dest="clip", action="store_false", help="skip the per-group clip search")
     parser.add_argument("--eval-tokens", type=int, default=2048)
     parser.add_argument("--window", type=int, default=256)
@@ -78,7 +79,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="el-awq-") as tmp:
         opts = QuantizeOptions(model=model_dir, out=Path(tmp) / "ckpt", block_size=args.block_size,
                                calib_size=args.calib_size, calib_seq_len=args.calib_seq_len,
-                               alpha_step=args.alpha_step, clip=args.clip)
+                               alpha_step=args.alpha_step, clip=args.clip, kv_int8=args.kv_int8)
         started = time.monotonic()
         calibrated = calibrate(opts)
         quantize_s = time.monotonic() - started
@@ -104,7 +105,7 @@ def main() -> int:
         "reference_vs_modelopt_max_abs_logit_diff": round(max_diff, 4),
         "reference_top1_agreement": round(top1, 4),
         "quantize_s": round(quantize_s, 1), "checkpoint_mb": round(checkpoint_mb, 1),
-        "method": opts.method, "block_size": args.block_size,
+        "method": opts.method, "block_size": args.block_size, "kv_cache": "int8" if args.kv_int8 else "fp16",
         "calib": f"{calibrated.sequences}x{args.calib_seq_len} builtin",
         "eval_tokens": len(ids), "model": "SmolLM2-135M-Instruct (from the embedded GGUF)",
         "targets": {"ppl_awq_below_rtn": True, "awq_over_fp_max": 1.15},
