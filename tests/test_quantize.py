@@ -63,6 +63,23 @@ def test_cli_quantize_error_is_one_line(tmp_path: Path) -> None:
         "edge-llama: --block-size 128 does not divide hidden_size (q/k/v/gate/up input) = 576; use --block-size 64"]
 
 
+def test_cli_quantize_prints_only_the_manifest_path(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("modelopt")
+    sys.path.insert(0, str(REPO / "tools"))
+    from make_test_checkpoint import DEFAULT_OUT, make
+
+    out = subprocess.run([sys.executable, "-m", "edge_llama", "quantize", "--model", str(make(DEFAULT_OUT)),
+                          "--out", str(tmp_path / "q"), "--block-size", "64", "--calib-size", "2",
+                          "--calib-seq-len", "64", "--alpha-step", "0.5", "--no-clip"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout == f"{tmp_path / 'q' / 'manifest.json'}\n"  # progress and modelopt's prints go to stderr
+    assert "calibration" in out.stderr and "Warning" not in out.stderr
+    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert manifest["quantization"]["method"] == "awq_lite (alpha step 0.5) with one scale per fused group"
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     torch = pytest.importorskip("torch", reason="quantization needs torch (make test installs torch==2.13.0)")

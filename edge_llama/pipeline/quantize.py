@@ -11,11 +11,13 @@ a second, not after loading torch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from importlib.resources import files
@@ -242,7 +244,11 @@ def export(calibrated: Calibrated, opts: QuantizeOptions) -> Path:
         shutil.rmtree(opts.out)
     opts.out.mkdir(parents=True)
     fix_rope_config(calibrated.model, calibrated.hf_config)
-    with tqdm(total=2, desc="export", unit="step", file=sys.stderr) as bar:
+    with tqdm(total=2, desc="export", unit="step", file=sys.stderr) as bar, warnings.catch_warnings():
+        # Expected and misleading here: without tensorrt_llm modelopt writes config.json itself (what we rely
+        # on), and its lm_head warning fires although lm_head stays fp16 (exclude_modules: ["lm_head"]).
+        warnings.filterwarnings("ignore", message="Cannot export tensorrt_llm checkpoint config")
+        warnings.filterwarnings("ignore", message="Enable lm_head quantization")
         with torch.no_grad():
             export_tensorrt_llm_checkpoint(calibrated.model, "llama", dtype=torch.float16, export_dir=opts.out,
                                            inference_tensor_parallel=1, inference_pipeline_parallel=1)
@@ -277,8 +283,9 @@ def quantize(opts: QuantizeOptions) -> Path:
     if opts.out.exists() and any(opts.out.iterdir()) and not opts.force:
         raise ConfigError(f"{opts.out} is not empty (use --force to overwrite)")
     started = time.monotonic()
-    calibrated = calibrate(opts)
-    manifest = export(calibrated, opts)
+    with contextlib.redirect_stdout(sys.stderr):  # modelopt prints its progress; stdout is for the result
+        calibrated = calibrate(opts)
+        manifest = export(calibrated, opts)
     print(f"quantize: {opts.out} in {math.ceil(time.monotonic() - started)} s "
           f"(calibration {calibrated.seconds:.0f} s)", file=sys.stderr)
     return manifest
