@@ -118,6 +118,33 @@ def test_forget_waits_for_the_running_answer_then_deletes_the_session(daemons: D
         assert list(c.events(again))[-1]["found"] is False
 
 
+def test_session_locks_serialise_and_do_not_accumulate(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    from edge_llama.protocol import Message
+    from edge_llama.service.sessions import SessionStore
+
+    store = SessionStore(tmp_path, max_messages=8)
+    store.prepare()
+    order: list[str] = []
+
+    async def turn(session: str, name: str) -> None:
+        async with store.lock(session):
+            order.append(f"{name} in")
+            await asyncio.sleep(0.01)
+            order.append(f"{name} out")
+            store.save(session, [Message("user", name)])
+
+    async def main() -> None:
+        await asyncio.gather(turn("a", "first"), turn("a", "second"), *(turn(f"s{i}", f"s{i}") for i in range(50)))
+        assert await store.forget("a") and not await store.forget("a")
+
+    asyncio.run(main())
+    assert order.index("first out") < order.index("second in")  # one session: one request at a time
+    assert store._locks == {}  # nothing kept for the 51 sessions once their requests are done
+    assert len(list((tmp_path / "sessions").glob("*.json"))) == 50
+
+
 def test_cancel_request_stops_generation(daemons: Daemons) -> None:
     d = daemons.start(fake_config(reply="y" * 2000, token_delay_ms=5))
     with Client(d.socket) as c:

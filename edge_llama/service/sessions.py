@@ -7,9 +7,11 @@ a SIGKILL at any moment: a reader sees either the old or the new conversation, n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from edge_llama.errors import InternalError
@@ -22,14 +24,25 @@ class SessionStore:
     def __init__(self, root: Path, max_messages: int) -> None:
         self.root = root / "sessions"
         self.max_messages = max_messages
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}  # session -> (lock, [holders + waiters])
 
     def prepare(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
-    def lock(self, session: str) -> asyncio.Lock:
-        """Requests on one session run one after another (the second sees the first one's answer)."""
-        return self._locks.setdefault(session, asyncio.Lock())
+    @contextlib.asynccontextmanager
+    async def lock(self, session: str) -> AsyncIterator[None]:
+        """Requests on one session run one after another (the second sees the first one's answer). A lock
+        lives only while someone holds or waits for it, so a long-running daemon does not keep one per session
+        it ever saw."""
+        lock, users = self._locks.setdefault(session, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._locks[session]
 
     def _path(self, session: str) -> Path:
         return self.root / f"{session}.json"  # `session` was validated by the protocol: no '/' or leading '.'
