@@ -209,7 +209,7 @@ def _check_socket_free(path: Path) -> None:
 
 def _warm_up(engine, template) -> None:  # type: ignore[no-untyped-def]
     """One tiny generation: proves the model runs before we accept requests and pages the weights in."""
-    ids = engine.tokenize(template.render([Message("user", "Hi")]))
+    ids = template.tokenize([Message("user", "Hi")], engine.tokenize)
     chunks = list(engine.generate(ids, GenParams(max_tokens=2, temperature=0.0), threading.Event()))
     if not chunks or chunks[-1].finish is None:
         raise InternalError("warm-up generation did not finish")

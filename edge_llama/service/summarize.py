@@ -74,9 +74,9 @@ async def summarize(h: Handlers, req: SummarizeRequest, cancel: CancelToken, rec
     if final_tokens > kv // 2:
         raise ContextOverflow(f"max_tokens {final_tokens} leaves no room for text in a KV budget of {kv} tokens")
     step_tokens = min(cfg.summary_tokens, kv // 4)
-    overhead = len(h.engine.tokenize(h.template.render([Message("user", cfg.instruction + "\n\n")])))
+    overhead = len(h.template.tokenize([Message("user", cfg.instruction + "\n\n")], h.engine.tokenize))
     limit = kv - max(step_tokens, final_tokens) - overhead - SAFETY_TOKENS
-    count = lambda s: len(h.engine.tokenize(s))  # noqa: E731
+    count = lambda s: len(h.engine.tokenize(s, special=False))  # noqa: E731 - contents are plain text in prompts
     text = req.text
     # The document is input too (an injection hidden in it is the classic case): checked in slices.
     input_verdict = await h.check_input([text[i:i + INPUT_SLICE] for i in range(0, len(text), INPUT_SLICE)], req.id)

@@ -60,7 +60,7 @@ def via_socket(client: Client, text: str, max_tokens: int) -> dict:
 
 
 def direct(engine: LlamaCppEngine, template, text: str, max_tokens: int) -> dict:  # type: ignore[no-untyped-def]
-    ids = engine.tokenize(template.render([Message("user", text)]))
+    ids = template.tokenize([Message("user", text)], engine.tokenize)  # as the daemon does
     start = time.perf_counter()
     first = last = 0.0
     n = 0
