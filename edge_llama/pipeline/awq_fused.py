@@ -116,9 +116,8 @@ def unfuse(model: Any) -> None:
 
     for parent, fused_name, names in _groups(model):
         fused = getattr(parent, fused_name)
-        members = [getattr(parent, name) for name in names]
         start = 0
-        for name, size in zip(names, members[0].sizes, strict=True):
+        for name, size in zip(names, getattr(parent, names[0]).sizes, strict=True):
             part = copy.deepcopy(fused)
             part.weight = torch.nn.Parameter(fused.weight[start:start + size].detach().clone())
             if fused.bias is not None:
@@ -167,8 +166,7 @@ def input_second_moments(model: Any, batches: list[Any], device: str, progress: 
 
         def accumulate(_: Any, args: tuple[Any, ...]) -> None:
             x = args[0]
-            if last and last[0] is x and (scale is None) == (last[1] is None) and (
-                    scale is None or torch.equal(scale, last[1])):
+            if last and last[0] is x and _same_scale(scale, last[1]):
                 update = last[2]
             else:
                 xs = x.detach().double().reshape(-1, x.shape[-1])
@@ -197,18 +195,23 @@ def input_second_moments(model: Any, batches: list[Any], device: str, progress: 
     return moments
 
 
+def _same_scale(a: Any, b: Any) -> bool:
+    import torch
+
+    return a is b or (a is not None and b is not None and torch.equal(a, b))
+
+
 def search_clip(weight: Any, moment: Any, block: int) -> tuple[Any, float]:
     """Best amax per (row, group) over CLIP_RATIOS for a [out, in] weight and H [in/block, block, block];
     returns (amax [out, in/block], relative reduction of the summed output error versus no clipping)."""
     import torch
 
-    w = weight.detach().reshape(weight.shape[0], -1, block)  # [out, groups, block]
-    full = w.abs().amax(-1).clamp(min=1e-12)
+    w = weight.detach().float().reshape(weight.shape[0], -1, block)  # [out, groups, block]
+    full = block_amax(weight, block).clamp(min=1e-12)
     best_loss = torch.full_like(full, float("inf"))
     best_amax = full.clone()
     baseline = None
     moment = moment.float()  # accumulated in float64; float32 is plenty to rank the candidates
-    w = w.float()
     for ratio in CLIP_RATIOS:
         amax = full * ratio
         scale = (amax / INT4_MAX).unsqueeze(-1)

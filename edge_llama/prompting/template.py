@@ -76,7 +76,6 @@ class ChatTemplate:
         except TemplateError as exc:
             raise ModelError(f"chat template '{self.name}' failed to render: {exc}") from exc
 
-
     def tokenize(self, messages: Sequence[Message], tokenize: Tokenize, add_generation_prompt: bool = True
                  ) -> list[int]:
         """Token ids of the rendered prompt in which only the template's own text can produce special tokens:
@@ -89,10 +88,10 @@ class ChatTemplate:
         parts = _MARK_RE.split(marked)  # template text, message index, template text, ..., template text
         literals, indices = parts[0::2], [int(i) for i in parts[1::2]]
         for transform in (str, str.strip):  # the built-in llama3 template trims contents
-            contents = [transform(messages[i].content) for i in indices]
-            if "".join(lit + body for lit, body in zip(literals, [*contents, ""], strict=True)) == text:
+            pieces = list(zip(literals, [*(transform(messages[i].content) for i in indices), ""], strict=True))
+            if "".join(literal + body for literal, body in pieces) == text:
                 ids: list[int] = []
-                for literal, body in zip(literals, [*contents, ""], strict=True):
+                for literal, body in pieces:
                     ids += tokenize(literal, True) if literal else []
                     ids += tokenize(body, False) if body else []
                 return ids

@@ -65,11 +65,10 @@ class LlamaGuardHook:
 
     def scores(self, texts: Sequence[str], kind: str) -> list[dict[str, float]]:
         out = []
+        before, after = (self.engine.tokenize(part) for part in guard_prompt_parts(kind))
         for text in texts:
             # The checked text is plain text: special-token text in it cannot end the message early.
-            before, after = guard_prompt_parts(kind)
-            ids = (self.engine.tokenize(before) + self.engine.tokenize(text.strip(), special=False)
-                   + self.engine.tokenize(after))
+            ids = before + self.engine.tokenize(text.strip(), special=False) + after
             with self._lock:
                 p_safe, p_unsafe = self.engine.next_token_probs(ids, [self._safe, self._unsafe])
                 p = p_unsafe / (p_safe + p_unsafe) if p_safe + p_unsafe > 0 else 0.0
