@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from edge_llama.errors import Unavailable, from_wire
+from edge_llama.errors import EdgeLlamaError, Unavailable, from_wire
 
 _ids = itertools.count(1)
 
@@ -44,23 +44,46 @@ class Client:
     def send(self, request: dict[str, Any]) -> str:
         """Send one request (an id is added if missing); returns its id."""
         request.setdefault("id", f"r{next(_ids)}")
-        self.sock.sendall((json.dumps(request, ensure_ascii=False) + "\n").encode("utf-8"))
+        try:
+            self.sock.sendall((json.dumps(request, ensure_ascii=False) + "\n").encode("utf-8"))
+        except (BrokenPipeError, ConnectionResetError):
+            raise self._closed_error() from None
         return request["id"]
 
     def read_event(self) -> dict[str, Any]:
         while b"\n" not in self._buf:
-            data = self.sock.recv(65536)
+            try:
+                data = self.sock.recv(65536)
+            except ConnectionResetError:
+                data = b""
             if not data:
                 raise Unavailable("the daemon closed the connection")
             self._buf += data
         line, self._buf = self._buf.split(b"\n", 1)
         return json.loads(line)
 
+    def _closed_error(self) -> EdgeLlamaError:
+        """The daemon closed the connection: the error line it sent before, if any, says why (e.g. forbidden)."""
+        try:
+            while data := self.sock.recv(65536):
+                self._buf += data
+        except OSError:
+            pass
+        for line in self._buf.split(b"\n"):
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and event.get("event") == "error":
+                return from_wire(event["code"], event["message"], event.get("retry_after_ms"))
+        return Unavailable("the daemon closed the connection")
+
     def next_event(self, request_id: str) -> dict[str, Any]:
-        """The next event of one request (others are skipped); an `error` line is raised as its typed error."""
+        """The next event of one request (others are skipped); an `error` line is raised as its typed error, and so
+        is one without an id: it concerns the whole connection."""
         while True:
             event = self.read_event()
-            if event.get("id") != request_id:
+            if event.get("id") not in (request_id, None):
                 continue
             if event["event"] == "error":
                 raise from_wire(event["code"], event["message"], event.get("retry_after_ms"))

@@ -247,4 +247,5 @@ def error_event(request_id: str | None, error: EdgeLlamaError) -> dict[str, Any]
 
 
 def too_large_line(max_line_bytes: int) -> TooLarge:
-    return TooLarge(f"request line longer than {max_line_bytes} bytes; it was discarded")
+    return TooLarge(f"request line longer than {max_line_bytes} bytes (the daemon's server.max_line_bytes); "
+                    "it was discarded")

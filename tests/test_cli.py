@@ -45,6 +45,15 @@ def test_missing_model_is_one_clear_line(workdir: Path) -> None:
     assert "cannot open model" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_document_over_the_line_limit_is_one_clear_line(daemons: Daemons, workdir: Path) -> None:
+    d = daemons.start(fake_config())  # the daemon's line limit is 1 MiB by default
+    (workdir / "big.txt").write_text("word " * 250_000)
+    result = cli("summarize", "--socket", str(d.socket), str(workdir / "big.txt"), timeout=30)
+    assert result.returncode != 0
+    assert result.stderr == ("edge-llama: request line longer than 1048576 bytes (the daemon's server.max_line_bytes)"
+                             "; it was discarded\n")
+
+
 def test_chat_one_shot_stdin_summarize_and_status(daemons: Daemons, workdir: Path) -> None:
     pytest.importorskip("llama_cpp")
     d = daemons.start({"engine": {"kv_tokens": 1024}})

@@ -50,6 +50,7 @@ from edge_llama.service.summarize import summarize
 log = logging.getLogger("edge_llama.server")
 READ_CHUNK = 64 * 1024
 WRITE_HIGH_WATER = 256 * 1024  # bytes buffered for a slow reader before a stream waits for it
+REFUSE_WAIT_S = 2.0  # how long a refused peer may take to send its first request line
 
 
 def bind_unix_socket(path: Path, mode: int) -> socket.socket:
@@ -245,15 +246,30 @@ class Server:
             conn = Connection(self, reader, writer, peer)
             if self.policy is not None and not self.policy.allows(peer):
                 conn.log.warning("refused uid %d gid %d (allowed: %s)", peer.uid, peer.gid, self.policy.describe())
-                self.handlers.stats.errors["forbidden"] += 1
-                await conn.send(error_event(None, Forbidden(
-                    f"uid {peer.uid} is not allowed to use this daemon (ask for the client group)")))
-                writer.close()
+                await self._refuse(conn, peer)
                 return
             with contextlib.suppress(asyncio.CancelledError):  # drain() cancels what outlives shutdown
                 await conn.serve()
         finally:
             self.connections.discard(task)
+
+    async def _refuse(self, conn: Connection, peer: Peer) -> None:
+        """Answer a peer outside the allowlist with `forbidden`, then close. Its first request line is read first
+        (waiting at most REFUSE_WAIT_S): closing a Unix socket with unread input resets the connection, and the
+        peer would then see ECONNRESET instead of the reason. The error carries that request's id."""
+        self.handlers.stats.errors["forbidden"] += 1
+        request_id = None
+        with contextlib.suppress(asyncio.TimeoutError, ValueError, ConnectionError, asyncio.IncompleteReadError):
+            line = await asyncio.wait_for(conn.reader.readline(), REFUSE_WAIT_S)
+            try:
+                request_id = parse_request(line, self.config.server.max_messages).id
+            except RequestError as exc:
+                request_id = exc.request_id
+        await conn.send(error_event(request_id, Forbidden(
+            f"uid {peer.uid} is not allowed to use this daemon (ask for the client group)")))
+        conn.writer.close()
+        with contextlib.suppress(Exception):
+            await conn.writer.wait_closed()
 
     def stop_accepting(self) -> None:
         if self._server is not None:
