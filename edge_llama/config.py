@@ -52,6 +52,7 @@ class ServerConfig:
     max_messages: int = 64  # messages in one chat request
     max_queue: int = 4  # requests admitted but waiting for the engine; more get `busy`
     max_session_messages: int = 200  # stored history per session (oldest pairs dropped beyond)
+    session_ttl_hours: float = 720.0  # a session not written for this long is deleted (30 days); 0 = never
     stream_interval_ms: float = 20.0  # streamed text is sent at most this often (first token at once); 0 = per token
     shutdown_grace_s: float = 10.0  # SIGTERM: running requests may finish within this, then are cancelled
     warmup: bool = True  # one tiny generation before accepting requests
@@ -252,6 +253,7 @@ def _checked(config: Config) -> Config:
         ("server.max_messages", s.max_messages >= 1, "must be at least 1"),
         ("server.max_queue", s.max_queue >= 0, "must not be negative"),
         ("server.max_session_messages", s.max_session_messages >= 2, "must be at least 2"),
+        ("server.session_ttl_hours", s.session_ttl_hours >= 0, "must not be negative (0 = keep sessions forever)"),
         ("server.shutdown_grace_s", s.shutdown_grace_s >= 0, "must not be negative"),
         ("server.engine_stall_s", s.engine_stall_s > 0, "must be positive"),
         ("server.stream_interval_ms", 0 <= s.stream_interval_ms <= 1000, "must be between 0 and 1000"),

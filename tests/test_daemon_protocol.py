@@ -118,6 +118,41 @@ def test_forget_waits_for_the_running_answer_then_deletes_the_session(daemons: D
         assert list(c.events(again))[-1]["found"] is False
 
 
+def test_idle_sessions_and_crash_leftovers_are_deleted(daemons: Daemons) -> None:
+    import os
+    import time
+
+    stored = daemons.workdir / "state" / "sessions"
+    stored.mkdir(parents=True)
+    day_ago = time.time() - 86400
+    for name, age in (("old.json", day_ago), ("fresh.json", None), (".old.x1.tmp", day_ago), (".new.x2.tmp", None)):
+        (stored / name).write_text('{"schema": 1, "messages": []}')
+        if age:
+            os.utime(stored / name, (age, age))
+    d = daemons.start({**fake_config(), "server": {"session_ttl_hours": 12}})
+    assert sorted(p.name for p in stored.iterdir()) == [".new.x2.tmp", "fresh.json"]  # swept at start
+    assert "deleted 1 session(s) idle for more than 12 h" in daemons.log(d)
+
+
+def test_expiry_keeps_a_session_in_use(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    from edge_llama.protocol import Message
+    from edge_llama.service.sessions import SessionStore
+
+    store = SessionStore(tmp_path, max_messages=8)
+    store.prepare()
+    store.save("busy", [Message("user", "a")])
+    store.save("idle", [Message("user", "b")])
+
+    async def main() -> int:
+        async with store.lock("busy"):  # a request is between loading and saving it
+            return store.expire(max_age_s=-1)
+
+    assert asyncio.run(main()) == 1
+    assert [p.name for p in (tmp_path / "sessions").iterdir()] == ["busy.json"]
+
+
 def test_session_locks_serialise_and_do_not_accumulate(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import asyncio
 

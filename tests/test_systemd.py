@@ -45,7 +45,7 @@ def test_notify_sequence_reload_and_stop(daemons: Daemons, notify: NotifyListene
     # SIGHUP with a good config: the new limit is live, RELOADING=1 (with MONOTONIC_USEC) then READY=1.
     config_path: Path = d.config_path  # type: ignore[attr-defined]
     config = yaml.safe_load(config_path.read_text())
-    config["server"]["max_queue"] = 2
+    config["server"].update(max_queue=2, max_session_messages=2)
     config_path.write_text(yaml.safe_dump(config))
     d.proc.send_signal(signal.SIGHUP)
     notify.wait_for("READY", count=2)
@@ -53,6 +53,10 @@ def test_notify_sequence_reload_and_stop(daemons: Daemons, notify: NotifyListene
     assert len(reloading) == 1 and int(reloading[0]["MONOTONIC_USEC"]) > 0
     with Client(d.socket) as c:
         assert c.call({"op": "health"})["queue"]["limit"] == 3
+        for word in ("one", "two"):
+            c.call({"op": "chat", "messages": [{"role": "user", "content": word}], "session": "s"})
+    stored = json.loads((daemons.workdir / "state" / "sessions" / "s.json").read_text())
+    assert [m["content"] for m in stored["messages"]] == ["two", "abc" * 20]  # the new history limit
 
     # SIGHUP with a bad config: refused, the daemon keeps running with the old one.
     config_path.write_text("server:\n  max_queue: lots\n")

@@ -36,6 +36,7 @@ from edge_llama.service.systemd import Notifier, activated_socket, watchdog_inte
 log = logging.getLogger("edge_llama.daemon")
 LOAD_KEEPALIVE_S = 5.0  # how often a long model load tells systemd it is still starting
 LOAD_EXTEND_S = 30.0  # ... and by how much it extends the start timeout each time
+SESSION_SWEEP_S = 3600.0  # how often idle sessions are looked for
 
 
 class Daemon:
@@ -76,6 +77,7 @@ class Daemon:
             sessions.prepare()
         except OSError as exc:
             raise EdgeLlamaError(f"cannot create state directory {sessions.root}: {exc.strerror}") from exc
+        self._sweep_sessions(sessions)
         if activated is None:
             _check_socket_free(path)
 
@@ -93,6 +95,7 @@ class Daemon:
             server.socket_file = path
             server.policy = policy_for(self.config.server, path)
             watchdog = asyncio.create_task(self._watchdog(scheduler))
+            expiry = asyncio.create_task(self._expire_sessions(sessions))
             try:
                 await server.start(sock)
                 handlers.state = "ready"
@@ -108,6 +111,7 @@ class Daemon:
                 await server.drain(self._grace_s)
             finally:
                 watchdog.cancel()
+                expiry.cancel()
                 sock.close()
                 if activated is None:
                     path.unlink(missing_ok=True)
@@ -171,7 +175,27 @@ class Daemon:
         handlers.config = config
         handlers.scheduler.max_queue = config.server.max_queue
         handlers.scheduler.stream_interval_s = config.server.stream_interval_ms / 1000
+        handlers.sessions.max_messages = config.server.max_session_messages
         logging.getLogger().setLevel(config.log_level.upper())
+
+    async def _expire_sessions(self, sessions: SessionStore) -> None:
+        """Sweep idle sessions every hour (or every half TTL when that is shorter). Reads the config each time,
+        so a reload applies."""
+        while True:
+            ttl_s = self.config.server.session_ttl_hours * 3600
+            await asyncio.sleep(min(SESSION_SWEEP_S, ttl_s / 2) if ttl_s > 0 else SESSION_SWEEP_S)
+            self._sweep_sessions(sessions)
+
+    def _sweep_sessions(self, sessions: SessionStore) -> None:
+        """Delete sessions idle longer than server.session_ttl_hours (0: never)."""
+        ttl_h = self.config.server.session_ttl_hours
+        if ttl_h <= 0:
+            return
+        try:
+            if deleted := sessions.expire(ttl_h * 3600):
+                log.info("deleted %d session(s) idle for more than %g h", deleted, ttl_h)
+        except OSError as exc:
+            log.warning("session expiry failed: %s", exc)
 
     def _status(self, handlers: Handlers) -> str:
         cap = handlers.engine.capacity

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from edge_llama.errors import InternalError
 from edge_llama.protocol import ROLES, Message
 
 SCHEMA = 1
+TEMP_FILE_AGE_S = 600  # a temp file older than this is a leftover (another daemon may share the dir)
 
 
 class SessionStore:
@@ -74,6 +76,25 @@ class SessionStore:
             os.fsync(dir_fd)  # make the rename itself durable
         finally:
             os.close(dir_fd)
+
+    def expire(self, max_age_s: float) -> int:
+        """Delete sessions not written for `max_age_s` seconds, and temp files a killed daemon left behind; a
+        session in use (locked) is kept. Clients that never send `forget` would otherwise fill the disk.
+        Returns how many sessions were deleted."""
+        now = time.time()
+        deleted = 0
+        for path in self.root.iterdir():
+            try:
+                age = now - path.stat().st_mtime
+                if path.name.startswith(".") and path.suffix == ".tmp":  # ".<session>.<random>.tmp" of a kill
+                    if age > TEMP_FILE_AGE_S:  # saves run on the event loop: none of ours is half-way now
+                        path.unlink()
+                elif path.suffix == ".json" and age > max_age_s and path.stem not in self._locks:
+                    path.unlink()
+                    deleted += 1
+            except FileNotFoundError:  # forgotten meanwhile
+                continue
+        return deleted
 
     async def forget(self, session: str) -> bool:
         """Delete the stored conversation once requests on it are done; False when there was none."""
