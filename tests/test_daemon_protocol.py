@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -289,3 +290,19 @@ def test_sigterm_cancels_what_outlives_the_grace_period(daemons: Daemons) -> Non
     assert ends[rid]["finish_reason"] == "cancelled"
     assert ends[queued]["code"] == "unavailable"
     assert d.proc.wait(10) == 0
+
+
+def test_a_second_signal_cancels_at_once(daemons: Daemons) -> None:
+    # 250 tokens x 40 ms = 10 s of answer, inside a 60 s grace period: only the second Ctrl-C ends it early.
+    d = daemons.start({**fake_config(reply="h" * 2000, token_delay_ms=40), "server": {"shutdown_grace_s": 60}})
+    with Client(d.socket) as c:
+        rid = c.send({"op": "chat", "messages": [{"role": "user", "content": "go"}], "max_tokens": 250})
+        next(c.events(rid))
+        d.proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        d.proc.send_signal(signal.SIGINT)
+        events = list(c.events(rid))
+    assert events[-1]["finish_reason"] == "cancelled"
+    assert len("".join(e.get("text", "") for e in events if e["event"] == "token")) < 200
+    assert d.proc.wait(10) == 0
+    assert "(second signal)" in daemons.log(d)

@@ -50,13 +50,13 @@ class Daemon:
         self._exit = False
         self._reload = False
         self._signals = 0
-        self._grace_s = config.server.shutdown_grace_s
+        self._cancel_now = asyncio.Event()  # a second exit signal: do not wait for running answers
 
     # --- signals: only set flags ---------------------------------------------------------------------------
     def _on_exit_signal(self, signum: int) -> None:
         self._signals += 1
         if self._signals > 1:
-            self._grace_s = 0.0  # a second signal: cancel now
+            self._cancel_now.set()
         self._exit = True
         self._wake.set()
 
@@ -108,7 +108,7 @@ class Daemon:
                 self.notifier.stopping()
                 log.info("shutting down: no new requests; %d admitted", scheduler.admitted)
                 server.stop_accepting()
-                await server.drain(self._grace_s)
+                await server.drain(self.config.server.shutdown_grace_s, self._cancel_now)
             finally:
                 watchdog.cancel()
                 expiry.cancel()

@@ -280,15 +280,16 @@ class Server:
         for cancel in list(self.cancels):
             cancel.cancel(error)
 
-    async def drain(self, grace_s: float) -> None:
-        """Let admitted requests finish within `grace_s`, then cancel what is left: a running one ends with
-        finish_reason "cancelled", a still-waiting one gets `unavailable`."""
+    async def drain(self, grace_s: float, cancel_now: asyncio.Event) -> None:
+        """Let admitted requests finish within `grace_s` (or until `cancel_now` is set), then cancel what is left:
+        a running one ends with finish_reason "cancelled", a still-waiting one gets `unavailable`."""
         sched = self.handlers.scheduler
-        deadline = time.monotonic() + grace_s
-        while sched.admitted and time.monotonic() < deadline:
+        started = time.monotonic()
+        while sched.admitted and time.monotonic() < started + grace_s and not cancel_now.is_set():
             await asyncio.sleep(0.02)
         if sched.admitted:
-            log.warning("shutdown: cancelling %d request(s) still running after %.1f s", sched.admitted, grace_s)
+            log.warning("shutdown: cancelling %d request(s) still running after %.1f s%s", sched.admitted,
+                        time.monotonic() - started, " (second signal)" if cancel_now.is_set() else "")
             self.cancel_all(Unavailable("the daemon is shutting down"))
         while sched.admitted:
             await asyncio.sleep(0.01)
