@@ -22,7 +22,9 @@ def stream(client: Client, request: dict) -> dict:
             sys.stdout.write(event["text"])
             sys.stdout.flush()
         elif event["event"] == "progress" and event["done"] < event["total"]:
-            sys.stderr.write(f"  [part {event['done'] + 1} of {event['total']}]\n")
+            chunks = max(event["total"] - 1, 1)  # with more than one chunk, a last step combines their summaries
+            step = f"chunk {event['done'] + 1} of {chunks}" if event["done"] < chunks else "combining the summaries"
+            sys.stderr.write(f"  [{step}]\n")
         elif event["event"] == "done":
             done = event
     print()
