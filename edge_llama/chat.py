@@ -11,12 +11,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from edge_llama.client import Client
+from edge_llama.client import Client, ConnectionLost
 from edge_llama.config import state_dir
-from edge_llama.errors import BadRequest, EdgeLlamaError
+from edge_llama.errors import BadRequest, EdgeLlamaError, Unavailable
+
+T = TypeVar("T")
+RECONNECT_S = 30.0  # how long the prompt waits for a restarting daemon (a model load takes seconds)
 
 HELP = """commands:
   /reset   forget this conversation          /stats   daemon statistics
@@ -26,17 +31,57 @@ Ctrl-C stops the answer being written."""
 
 
 def run_chat(sock: Path, args: argparse.Namespace) -> int:
-    with Client(sock) as client:
-        if args.message is not None or not sys.stdin.isatty():
-            text = args.message if args.message is not None else sys.stdin.read()
-            if not text.strip():
-                raise BadRequest("nothing to send: the message is empty")
-            request = _request(args, text, first=True)
-            if args.session:
-                request["session"] = args.session
+    if args.message is not None or not sys.stdin.isatty():
+        text = args.message if args.message is not None else sys.stdin.read()
+        if not text.strip():
+            raise BadRequest("nothing to send: the message is empty")
+        request = _request(args, text, first=True)
+        if args.session:
+            request["session"] = args.session
+        with Client(sock) as client:
             finish = stream_answer(client, request)
-            return 0 if finish != "cancelled" else 130
-        return interactive(client, args)
+        return 0 if finish != "cancelled" else 130
+    link = Link(sock)
+    try:
+        return interactive(link, args)
+    finally:
+        link.client.close()
+
+
+class Link:
+    """The interactive prompt's connection to the daemon. When the daemon restarts (an upgrade, the systemd
+    watchdog, a config change), the prompt connects again and the conversation goes on: it lives in the
+    daemon's session files, not in the connection."""
+
+    def __init__(self, sock: Path) -> None:
+        self.sock = sock
+        self.client = Client(sock)
+
+    def run(self, action: Callable[[Client], T]) -> T:
+        """`action` on the current connection; on a new one if the daemon went away in between."""
+        try:
+            return action(self.client)
+        except ConnectionLost as exc:
+            self._reconnect()
+            if not exc.unsent:  # it may have run part-way: the user decides whether to send it again
+                raise Unavailable("the daemon restarted during the answer; connected again, send it again") from None
+            return action(self.client)
+
+    def _reconnect(self) -> None:
+        self.client.close()
+        sys.stderr.write("[the daemon closed the connection; reconnecting]\n")
+        deadline = time.monotonic() + RECONNECT_S
+        while True:
+            try:
+                self.client = Client(self.sock)
+                return
+            except Unavailable:
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"the daemon did not come back within {RECONNECT_S:.0f} s") from None
+            try:
+                time.sleep(0.3)
+            except KeyboardInterrupt:
+                raise Unavailable("stopped waiting for the daemon") from None
 
 
 def _request(args: argparse.Namespace, text: str, first: bool) -> dict[str, Any]:
@@ -60,7 +105,8 @@ def stream_answer(client: Client, request: dict[str, Any]) -> str:
         try:
             event = client.next_event(request_id)  # not a generator: it must survive a KeyboardInterrupt
         except KeyboardInterrupt:
-            client.send({"op": "cancel", "target": request_id})
+            with contextlib.suppress(ConnectionLost):  # the daemon is gone: nothing to stop; the next read says so
+                client.send({"op": "cancel", "target": request_id})
             continue
         if event["event"] == "token":
             sys.stdout.write(event["text"])
@@ -133,25 +179,25 @@ def _save_history(readline: Any, path: Path) -> None:
         pass
 
 
-def interactive(client: Client, args: argparse.Namespace) -> int:
+def interactive(link: Link, args: argparse.Namespace) -> int:
     from edge_llama.cli import new_session_id
 
     _setup_history()
-    health = client.call({"op": "health"})
+    health = link.run(lambda c: c.call({"op": "health"}))
     print(f"edge-llama chat: {health['model']} ({health['backend']}, KV budget {health['kv_tokens']} tokens). "
           "/help for commands.")
     # Without --session the conversation lives only as long as this prompt: the daemon forgets it on exit.
     session = args.session or new_session_id()
     try:
-        return _loop(client, args, session)
+        return _loop(link, args, session)
     finally:
         if not args.session:
             with contextlib.suppress(EdgeLlamaError, OSError):
-                client.call({"op": "forget", "session": session})
+                link.run(lambda c: c.call({"op": "forget", "session": session}))
 
 
-def _loop(client: Client, args: argparse.Namespace, session: str) -> int:
-    first = True
+def _loop(link: Link, args: argparse.Namespace, session: str) -> int:
+    first = True  # the next message opens the conversation (it carries --system)
     while True:
         try:
             text = read_message()
@@ -162,32 +208,35 @@ def _loop(client: Client, args: argparse.Namespace, session: str) -> int:
             print()
             return 0
         command = text.strip()
-        if not command:
-            continue
         if command in ("/exit", "/quit"):
             return 0
-        if command == "/help":
-            print(HELP)
-            continue
-        if command == "/reset":
-            client.call({"op": "forget", "session": session})
-            first = True
-            print("[conversation forgotten; new conversation]")
-            continue
-        if command == "/stats":
-            stats = client.call({"op": "stats"})
-            t = stats.get("last_timings") or {}
-            print(f"requests {sum(stats['requests'].values())}, tokens {stats['tokens']['prompt']} in / "
-                  f"{stats['tokens']['completion']} out, last: first token {t.get('ttft_ms', '-')} ms, "
-                  f"{t.get('decode_tok_s', '-')} tok/s")
-            continue
-        if command.startswith("/"):
-            print(f"unknown command {command.split()[0]}; /help lists them")
-            continue
+        try:
+            first = _handle(link, args, session, command, text, first)
+        except EdgeLlamaError as exc:  # the prompt stays: the next message may work (e.g. after a restart)
+            print(f"[{exc.code}] {exc.message}", file=sys.stderr)
+
+
+def _handle(link: Link, args: argparse.Namespace, session: str, command: str, text: str, first: bool) -> bool:
+    """One line of input: a command or a message. Returns whether the next message opens the conversation."""
+    if not command:
+        return first
+    if command == "/help":
+        print(HELP)
+    elif command == "/reset":
+        link.run(lambda c: c.call({"op": "forget", "session": session}))
+        print("[conversation forgotten; new conversation]")
+        return True
+    elif command == "/stats":
+        stats = link.run(lambda c: c.call({"op": "stats"}))
+        t = stats.get("last_timings") or {}
+        print(f"requests {sum(stats['requests'].values())}, tokens {stats['tokens']['prompt']} in / "
+              f"{stats['tokens']['completion']} out, last: first token {t.get('ttft_ms', '-')} ms, "
+              f"{t.get('decode_tok_s', '-')} tok/s")
+    elif command.startswith("/"):
+        print(f"unknown command {command.split()[0]}; /help lists them")
+    else:
         request = _request(args, text, first)
         request["session"] = session
-        try:
-            stream_answer(client, request)
-            first = False
-        except EdgeLlamaError as exc:
-            print(f"[{exc.code}] {exc.message}", file=sys.stderr)
+        link.run(lambda c: stream_answer(c, request))
+        return False
+    return first

@@ -15,6 +15,15 @@ from edge_llama.errors import EdgeLlamaError, Unavailable, from_wire
 _ids = itertools.count(1)
 
 
+class ConnectionLost(Unavailable):
+    """The daemon closed this connection (it stopped or restarted). `unsent`: the request being sent never
+    reached it, so sending it again on a new connection cannot run it twice."""
+
+    def __init__(self, message: str = "the daemon closed the connection", unsent: bool = False) -> None:
+        super().__init__(message)
+        self.unsent = unsent
+
+
 class Client:
     def __init__(self, path: str | os.PathLike[str], timeout: float | None = None) -> None:
         self.path = Path(path)
@@ -47,7 +56,7 @@ class Client:
         try:
             self.sock.sendall((json.dumps(request, ensure_ascii=False) + "\n").encode("utf-8"))
         except (BrokenPipeError, ConnectionResetError):
-            raise self._closed_error() from None
+            raise self._closed_error(unsent=True) from None
         return request["id"]
 
     def read_event(self) -> dict[str, Any]:
@@ -57,12 +66,12 @@ class Client:
             except ConnectionResetError:
                 data = b""
             if not data:
-                raise Unavailable("the daemon closed the connection")
+                raise ConnectionLost()
             self._buf += data
         line, self._buf = self._buf.split(b"\n", 1)
         return json.loads(line)
 
-    def _closed_error(self) -> EdgeLlamaError:
+    def _closed_error(self, unsent: bool) -> EdgeLlamaError:
         """The daemon closed the connection: the error line it sent before, if any, says why (e.g. forbidden)."""
         try:
             while data := self.sock.recv(65536):
@@ -76,7 +85,7 @@ class Client:
                 continue
             if isinstance(event, dict) and event.get("event") == "error":
                 return from_wire(event["code"], event["message"], event.get("retry_after_ms"))
-        return Unavailable("the daemon closed the connection")
+        return ConnectionLost(unsent=unsent)
 
     def next_event(self, request_id: str) -> dict[str, Any]:
         """The next event of one request (others are skipped); an `error` line is raised as its typed error, and so

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -111,3 +112,25 @@ def test_interactive_chat_streams_cancels_and_resets(daemons: Daemons) -> None:
     assert child.exitstatus == 0
     assert not list(sessions.glob("*.json"))  # no --session: nothing left behind
     assert daemons.workdir.joinpath("edge-llama", "chat_history").exists()  # input history kept for next time
+
+
+def test_interactive_chat_goes_on_after_the_daemon_restarts(daemons: Daemons) -> None:
+    pexpect = pytest.importorskip("pexpect")
+    d = daemons.start(fake_config())
+    child = pexpect.spawn(sys.executable, ["-m", "edge_llama", "chat", "--socket", str(d.socket), "--session", "s"],
+                          env={**os.environ, "XDG_STATE_HOME": str(daemons.workdir)}, encoding="utf-8",
+                          timeout=15)
+    child.expect(">>> ")
+    child.sendline("one")
+    child.expect("You said: one")
+    child.expect(">>> ")
+    d.stop()  # e.g. `systemctl restart edge-llama` while the user reads the answer
+    daemons.start(fake_config())
+    child.sendline("two")
+    child.expect(r"\[the daemon closed the connection; reconnecting\]")
+    child.expect("You said: two")  # the message was resent, not lost
+    child.expect(">>> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    stored = json.loads((daemons.workdir / "state" / "sessions" / "s.json").read_text())
+    assert [m["content"] for m in stored["messages"]] == ["one", "You said: one", "two", "You said: two"]
