@@ -74,6 +74,7 @@ class Client:
     def _closed_error(self, unsent: bool) -> EdgeLlamaError:
         """The daemon closed the connection: the error line it sent before, if any, says why (e.g. forbidden)."""
         try:
+            self.sock.settimeout(1.0)  # it has closed: what it sent is already here
             while data := self.sock.recv(65536):
                 self._buf += data
         except OSError:
