@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -156,25 +157,48 @@ def test_backend_mismatch_is_refused(checkpoint: Path) -> None:
 
 
 class StandInRunner:
-    """Yields what ModelRunnerCpp.generate(streaming=True, return_dict=True) yields: the whole sequence so far."""
+    """ModelRunnerCpp.generate(streaming=True, return_dict=True) as 0.12 runs it: requests go to an executor with
+    one response queue, and the streaming generator reads that queue without filtering by request, yielding the
+    whole sequence so far (prompt + tokens). A response of another request raises, as `request_ids.index` does
+    in 0.12's `_fill_output`. `end_in_output`: whether the end token appears in the output."""
 
-    def __init__(self, reply: list[int]) -> None:
+    def __init__(self, reply: list[int], end_ids: set[int], end_in_output: bool = True) -> None:
         self.reply = reply
+        self.end_ids = end_ids
+        self.end_in_output = end_in_output
         self.cancelled: list[int] = []
         self.session = self  # 0.12 keeps the executor as `session`
+        self.queue: deque[tuple[int, list[int], bool]] = deque()  # (request id, new tokens, is_final)
+        self.next_id = 7
 
     def cancel_request(self, request_id: int) -> None:
         self.cancelled.append(request_id)
+        self.queue = deque(r for r in self.queue if r[0] != request_id)
+        self.queue.append((request_id, [], True))  # the executor still sends a final response
 
     def generate(self, batch_input_ids, max_new_tokens, **kwargs):  # type: ignore[no-untyped-def]
+        request_id, self.next_id = self.next_id, self.next_id + 1
+        tokens = []
+        for token in self.reply[:max_new_tokens]:
+            tokens.append(token)
+            if token in self.end_ids:
+                break
+        if tokens and tokens[-1] in self.end_ids and not self.end_in_output:
+            tokens.pop()
+        steps = [(request_id, [t], False) for t in tokens] or [(request_id, [], False)]
+        steps[-1] = (request_id, steps[-1][1], True)
+        self.queue.extend(steps)
+        return self._stream(request_ids=[request_id], prompt=batch_input_ids[0].tolist())
 
-        return self._stream(request_ids=[7], prompt=batch_input_ids[0].tolist(), limit=max_new_tokens)
-
-    def _stream(self, request_ids, prompt, limit):  # type: ignore[no-untyped-def]
+    def _stream(self, request_ids, prompt):  # type: ignore[no-untyped-def]
         import torch
 
-        for n in range(1, min(limit, len(self.reply)) + 1):
-            ids = prompt + self.reply[:n]
+        ids, finished = list(prompt), 0
+        while finished < len(request_ids):
+            request_id, tokens, final = self.queue.popleft()
+            request_ids.index(request_id)  # ValueError for a response of an earlier, unread request
+            ids += tokens
+            finished += final
             yield {"output_ids": torch.tensor([[ids]]), "sequence_lengths": torch.tensor([[len(ids)]])}
 
 
@@ -190,15 +214,20 @@ def test_streaming_loop_detokenizes_stops_and_cancels(engine_dir: Path) -> None:
     except Exception as exc:  # noqa: BLE001 - only the tensorrt_llm import may fail here
         assert "tensorrt_llm is not importable" in str(exc)
     text = "Grüße aus Zürich ✓"
+    end_ids = set(engine._end_ids)
+    assert 128009 in end_ids
     reply = engine.tokenize(text) + [128009]  # <|eot_id|> ends the turn
-    engine._runner = StandInRunner(reply)
-    chunks = list(engine.generate([128000, 9906], GenParams(max_tokens=50), threading.Event()))
-    assert "".join(c.text for c in chunks) == text and "\ufffd" not in "".join(c.text for c in chunks)
-    assert chunks[-1].finish == "stop"
-    assert sum(c.finish is None for c in chunks) == len(reply) - 1
+    for end_in_output in (True, False):
+        engine._runner = StandInRunner(reply, end_ids, end_in_output)
+        chunks = list(engine.generate([128000, 9906], GenParams(max_tokens=50), threading.Event()))
+        assert "".join(c.text for c in chunks) == text and "\ufffd" not in "".join(c.text for c in chunks)
+        assert chunks[-1].finish == "stop"
+        assert sum(c.finish is None for c in chunks) == len(reply) - 1
+    chunks = list(engine.generate([128000], GenParams(max_tokens=3), threading.Event()))
+    assert chunks[-1].finish == "length" and sum(c.finish is None for c in chunks) == 3
 
     cancel = threading.Event()
-    runner = StandInRunner(engine.tokenize("one two three four five six"))
+    runner = StandInRunner(engine.tokenize("one two three four five six"), end_ids)
     engine._runner = runner
     chunks = []
     for chunk in engine.generate([128000], GenParams(max_tokens=50), cancel):
@@ -206,6 +235,9 @@ def test_streaming_loop_detokenizes_stops_and_cancels(engine_dir: Path) -> None:
         if len(chunks) == 2:
             cancel.set()
     assert chunks[-1].finish == "cancelled" and runner.cancelled == [7]  # the executor request was cancelled
+    assert not runner.queue  # its final response was read: the next request does not trip over it
+    chunks = list(engine.generate([128000], GenParams(max_tokens=50), threading.Event()))
+    assert "".join(c.text for c in chunks) == "one two three four five six" and chunks[-1].finish == "stop"
     ids = engine.tokenize(engine.template_info.bos_token + "<|start_header_id|>user<|end_header_id|>")
     assert ids[:2] == [128000, 128006]  # special tokens parsed as such
     assert 128009 not in engine.tokenize("typed <|eot_id|>", special=False)  # ... but not in what users write

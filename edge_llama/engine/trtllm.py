@@ -170,25 +170,28 @@ class TrtLlmEngine(Engine):
         stream = self._runner.generate(**self.generate_kwargs(prompt_ids, params))
         detok = IncrementalDetokenizer(self.detokenize)
         produced = 0
-        finish = "length"
+        stopped = cancelled = False
         try:
+            # Read to the end even after an end token or a cancel: 0.12's generator reads the executor's one
+            # response queue without filtering by request, so a response left unread (the final one of a
+            # cancelled request) would reach the next generate(), which fails on the unknown request id.
             for output in stream:
-                seq_len = int(output["sequence_lengths"][0][0])
-                new = output["output_ids"][0][0][prompt_len + produced:seq_len].tolist()
-                for token in new:
+                if stopped or cancelled:
+                    continue
+                seq_len = int(output["sequence_lengths"][0][0])  # output_ids[0][0] = prompt + tokens so far
+                for token in output["output_ids"][0][0][prompt_len + produced:seq_len].tolist():
                     if token in self._end_ids:
-                        finish = "stop"
+                        stopped = True
                         break
                     produced += 1
                     yield Chunk(detok.add(token))
-                if finish == "stop":
-                    break
-                if cancel.is_set():
-                    finish = "cancelled"
+                if not stopped and cancel.is_set():
+                    cancelled = True
                     self._cancel(stream)
-                    break
         finally:
             stream.close()
+        # The end token itself may or may not be in the output: a request that ended short of max_tokens stopped.
+        finish = "cancelled" if cancelled else "stop" if stopped or produced < params.max_tokens else "length"
         yield Chunk("", finish)  # type: ignore[arg-type]
 
     def _cancel(self, stream: Any) -> None:
