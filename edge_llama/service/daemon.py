@@ -77,9 +77,9 @@ class Daemon:
             sessions.prepare()
         except OSError as exc:
             raise EdgeLlamaError(f"cannot create state directory {sessions.root}: {exc.strerror}") from exc
-        self._sweep_sessions(sessions)
         if activated is None:
             _check_socket_free(path)
+        self._sweep_sessions(sessions)  # after the check: a daemon that is refused touches nothing
 
         engine = create_engine(self.config.engine)
         scheduler = Scheduler(engine, self.config.server.max_queue, self.config.server.stream_interval_ms)
