@@ -7,9 +7,10 @@ tokens (checked). Each prompt is new to both KV caches. Client-side timings for 
 the request line to the first token line; decode rate from the first to the last token line.
 
 Last line: one JSON object with decode_ratio (socket decode tok/s / direct, medians) and ttft_added_ms (p50 of the
-per-prompt difference). Targets: decode_ratio >= 0.97, ttft_added_ms <= 5.
+per-prompt difference), and resident memory (MiB) of the daemon next to this process, which holds the same
+engine. Targets: decode_ratio >= 0.97, ttft_added_ms <= 5.
 
-    .venv/bin/python tools/bench/overhead.py [--prompts 8] [--max-tokens 128]
+    .venv/bin/python tools/bench/overhead.py [--prompts 12] [--max-tokens 128]
 """
 
 from __future__ import annotations
@@ -75,9 +76,15 @@ def direct(engine: LlamaCppEngine, template, text: str, max_tokens: int) -> dict
             "text": "".join(pieces)}
 
 
+def rss_mb(pid: int | str = "self") -> dict[str, float]:
+    """Resident memory of a process in MiB: total, peak, and anonymous (what cannot be paged back to a file)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {key: round(int(fields[key].split()[0]) / 1024, 1) for key in ("VmRSS", "VmHWM", "RssAnon")}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=12)
     parser.add_argument("--max-tokens", type=int, default=128)
     args = parser.parse_args()
 
@@ -109,6 +116,7 @@ def main() -> int:
                       f"ttft {result['socket']['ttft_ms']:.1f} ms | direct {result['direct']['decode_tok_s']:.1f} "
                       f"tok/s ttft {result['direct']['ttft_ms']:.1f} ms | tokens {result['socket']['tokens']}",
                       file=sys.stderr)
+        memory = {"daemon": rss_mb(daemon.proc.pid), "direct": rss_mb()}
     finally:
         daemon.stop()
         engine.close()
@@ -124,6 +132,10 @@ def main() -> int:
         "direct_decode_tok_s": round(direct_decode, 1),
         "socket_ttft_ms_p50": round(percentile([r["socket"]["ttft_ms"] for r in rows], 0.5), 1),
         "direct_ttft_ms_p50": round(percentile([r["direct"]["ttft_ms"] for r in rows], 0.5), 1),
+        # The daemon process vs this one, which holds the same engine (same model and KV budget) plus the client.
+        "daemon_rss_mb": memory["daemon"]["VmRSS"], "direct_rss_mb": memory["direct"]["VmRSS"],
+        "rss_added_mb": round(memory["daemon"]["VmRSS"] - memory["direct"]["VmRSS"], 1),
+        "daemon_peak_rss_mb": memory["daemon"]["VmHWM"], "daemon_anon_rss_mb": memory["daemon"]["RssAnon"],
         "same_tokens": all(r["socket"]["text"] == r["direct"]["text"] for r in rows),
         "prompts": len(rows), "max_tokens": args.max_tokens, "kv_tokens": KV_TOKENS,
         "model": "SmolLM2-135M-Instruct Q4_1 (embedded)", "targets": {"decode_ratio": 0.97, "ttft_added_ms": 5},
