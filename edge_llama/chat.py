@@ -57,27 +57,29 @@ class Link:
         self.sock = sock
         self.client = Client(sock)
 
-    def run(self, action: Callable[[Client], T]) -> T:
-        """`action` on the current connection; on a new one if the daemon went away in between."""
+    def run(self, action: Callable[[Client], T], wait_s: float = RECONNECT_S) -> T:
+        """`action` on the current connection; on a new one (waiting up to `wait_s` for the daemon) if the
+        daemon went away in between."""
         try:
             return action(self.client)
         except ConnectionLost as exc:
-            self._reconnect()
+            self._reconnect(wait_s)
             if not exc.unsent:  # it may have run part-way: the user decides whether to send it again
                 raise Unavailable("the daemon restarted during the answer; connected again, send it again") from None
             return action(self.client)
 
-    def _reconnect(self) -> None:
+    def _reconnect(self, wait_s: float) -> None:
         self.client.close()
-        sys.stderr.write("[the daemon closed the connection; reconnecting]\n")
-        deadline = time.monotonic() + RECONNECT_S
+        if wait_s:
+            sys.stderr.write("[the daemon closed the connection; reconnecting]\n")
+        deadline = time.monotonic() + wait_s
         while True:
             try:
                 self.client = Client(self.sock)
                 return
             except Unavailable:
-                if time.monotonic() > deadline:
-                    raise Unavailable(f"the daemon did not come back within {RECONNECT_S:.0f} s") from None
+                if time.monotonic() >= deadline:
+                    raise Unavailable(f"the daemon did not come back within {wait_s:.0f} s") from None
             try:
                 time.sleep(0.3)
             except KeyboardInterrupt:
@@ -193,7 +195,8 @@ def interactive(link: Link, args: argparse.Namespace) -> int:
     finally:
         if not args.session:
             with contextlib.suppress(EdgeLlamaError, OSError):
-                link.run(lambda c: c.call({"op": "forget", "session": session}))
+                # Leaving must not wait for a daemon that is down; an unforgotten session expires later.
+                link.run(lambda c: c.call({"op": "forget", "session": session}), wait_s=0)
 
 
 def _loop(link: Link, args: argparse.Namespace, session: str) -> int:

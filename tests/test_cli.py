@@ -134,3 +134,17 @@ def test_interactive_chat_goes_on_after_the_daemon_restarts(daemons: Daemons) ->
     child.expect(pexpect.EOF)
     stored = json.loads((daemons.workdir / "state" / "sessions" / "s.json").read_text())
     assert [m["content"] for m in stored["messages"]] == ["one", "You said: one", "two", "You said: two"]
+
+
+def test_leaving_the_chat_does_not_wait_for_a_stopped_daemon(daemons: Daemons) -> None:
+    pexpect = pytest.importorskip("pexpect")
+    d = daemons.start(fake_config())
+    child = pexpect.spawn(sys.executable, ["-m", "edge_llama", "chat", "--socket", str(d.socket)],
+                          env={**os.environ, "XDG_STATE_HOME": str(daemons.workdir)}, encoding="utf-8",
+                          timeout=15)
+    child.expect(">>> ")
+    d.stop()
+    child.sendline("/exit")  # the exit `forget` tries once, without the 30 s reconnect wait
+    child.expect(pexpect.EOF, timeout=5)
+    child.close()
+    assert child.exitstatus == 0
