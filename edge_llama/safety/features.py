@@ -1,7 +1,7 @@
 """Text -> numbers for the built-in classifiers: the part of a TF-IDF pipeline that is not arithmetic.
 
 The ONNX graphs take term frequencies [N, vocabulary] (float32) and do the rest (idf, L2 norm, the linear
-model, calibration), so the same file runs under onnxruntime and TensorRT. What is done here must match how
+model, calibration), so the same file runs under numpy, onnxruntime and TensorRT. What is done here must match how
 the model was trained: lowercase, the token regex, English stop words, word n-grams, optional sublinear tf.
 The description lives next to each graph as <name>.features.json.
 """
