@@ -142,11 +142,12 @@ def as_user(uid: int, *argv: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=20)
 
 
-def peer_client(sock: Path, uid: int) -> dict:
-    """Connect as another user and return the first reply line to a health request."""
+def peer_client(sock: Path, uid: int, pad: int = 0) -> dict:
+    """Connect as another user and return the first reply line to a health request (`pad` bytes longer)."""
     code = ("import json, socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
-            "s.sendall(b'{\"id\":\"h\",\"op\":\"health\"}\\n'); print(s.makefile().readline())")
-    out = as_user(uid, sys.executable, "-c", code, str(sock))
+            "s.sendall(json.dumps({'id': 'h', 'op': 'health', **({'pad': 'x' * int(sys.argv[2])} "
+            "if int(sys.argv[2]) else {})}).encode() + b'\\n'); print(s.makefile().readline())")
+    out = as_user(uid, sys.executable, "-c", code, str(sock), str(pad))
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -156,8 +157,8 @@ def peer_client(sock: Path, uid: int) -> dict:
 def test_peer_outside_allowlist_is_forbidden(daemons: Daemons, workdir: Path) -> None:
     workdir.chmod(0o755)  # let the other user reach the socket: the allowlist is what is tested
     d = daemons.start({**fake_config(), "server": {"socket_mode": 0o666}})
-    for _ in range(5):  # the reply used to race the close: the peer then saw EPIPE/ECONNRESET, not the reason
-        reply = peer_client(d.socket, 65534)
+    for pad in (0, 0, 0, 200_000):  # the reply used to race the close: the peer saw EPIPE/ECONNRESET, not the reason
+        reply = peer_client(d.socket, 65534, pad)
         assert reply == {"id": "h", "event": "error", "code": "forbidden",
                          "message": "uid 65534 is not allowed to use this daemon (ask for the client group)"}
     for argv in (("status",), ("chat", "-m", "hi")):  # what the user sees: the reason, no traceback

@@ -255,12 +255,22 @@ class Server:
 
     async def _refuse(self, conn: Connection, peer: Peer) -> None:
         """Answer a peer outside the allowlist with `forbidden`, then close. Its first request line is read first
-        (waiting at most REFUSE_WAIT_S): closing a Unix socket with unread input resets the connection, and the
-        peer would then see ECONNRESET instead of the reason. The error carries that request's id."""
+        (for at most REFUSE_WAIT_S and server.max_line_bytes): closing a Unix socket with unread input resets the
+        connection, and the peer would then see ECONNRESET instead of the reason. The error carries that
+        request's id."""
         self.handlers.stats.errors["forbidden"] += 1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + REFUSE_WAIT_S
+        head = bytearray()
+        with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
+            while b"\n" not in head and len(head) < self.config.server.max_line_bytes:
+                data = await asyncio.wait_for(conn.reader.read(READ_CHUNK), max(0.0, deadline - loop.time()))
+                if not data:
+                    break
+                head += data
+        line, newline, _ = bytes(head).partition(b"\n")
         request_id = None
-        with contextlib.suppress(asyncio.TimeoutError, ValueError, ConnectionError, asyncio.IncompleteReadError):
-            line = await asyncio.wait_for(conn.reader.readline(), REFUSE_WAIT_S)
+        if newline:
             try:
                 request_id = parse_request(line, self.config.server.max_messages).id
             except RequestError as exc:
