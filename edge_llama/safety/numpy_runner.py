@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -36,7 +37,7 @@ def _varint(buf: bytes, i: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: bytes) -> Iterator[tuple[int, int, int | bytes]]:
+def _fields(buf: bytes) -> Iterator[tuple[int, int, Any]]:
     """(field number, wire type, value) of one protobuf message: an int for varints, bytes otherwise."""
     i = 0
     while i < len(buf):
@@ -64,19 +65,19 @@ def _tensor(buf: bytes) -> tuple[str, np.ndarray]:
         if field == 1:  # dims: packed (wire 2) or one varint each
             if wire == 2:
                 j = 0
-                while j < len(value):  # type: ignore[arg-type]
-                    dim, j = _varint(value, j)  # type: ignore[arg-type]
+                while j < len(value):
+                    dim, j = _varint(value, j)
                     dims.append(dim)
             else:
                 dims.append(value)
         elif field == 2:
             dtype = value
         elif field == 4:  # float_data: packed, or one fixed32 each
-            floats += value  # type: ignore[operator]
+            floats += value
         elif field == 8:
-            name = bytes(value).decode()  # type: ignore[arg-type]
+            name = bytes(value).decode()
         elif field == 9:
-            raw = bytes(value)  # type: ignore[arg-type]
+            raw = bytes(value)
     if dtype != FLOAT:
         raise ValueError(f"initializer {name!r} is not float32")
     return name, np.frombuffer(raw or bytes(floats), dtype="<f4").reshape(dims).astype(np.float32)
@@ -90,11 +91,11 @@ def read_graph(path: Path) -> tuple[list[str], dict[str, np.ndarray]]:
         raise ValueError("no graph")
     ops: list[str] = []
     tensors: dict[str, np.ndarray] = {}
-    for field, wire, value in _fields(graph):  # type: ignore[arg-type]
+    for field, wire, value in _fields(graph):
         if field == 1 and wire == 2:
-            ops += [bytes(v).decode() for f, _, v in _fields(value) if f == 4]  # type: ignore[arg-type]
+            ops += [bytes(v).decode() for f, _, v in _fields(value) if f == 4]
         elif field == 5 and wire == 2:
-            name, array = _tensor(value)  # type: ignore[arg-type]
+            name, array = _tensor(value)
             tensors[name] = array
     return ops, tensors
 
