@@ -85,7 +85,7 @@ class Client:
             except ValueError:
                 continue
             if isinstance(event, dict) and event.get("event") == "error":
-                return from_wire(event["code"], event["message"], event.get("retry_after_ms"))
+                return from_wire(event)
         return ConnectionLost(unsent=unsent)
 
     def next_event(self, request_id: str) -> dict[str, Any]:
@@ -96,7 +96,7 @@ class Client:
             if event.get("id") not in (request_id, None):
                 continue
             if event["event"] == "error":
-                raise from_wire(event["code"], event["message"], event.get("retry_after_ms"))
+                raise from_wire(event)
             return event
 
     def events(self, request_id: str) -> Iterator[dict[str, Any]]:

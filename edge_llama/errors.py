@@ -7,6 +7,8 @@ never rename one.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class EdgeLlamaError(Exception):
     """Base of every error edge-llama raises on purpose."""
@@ -89,7 +91,7 @@ WIRE_ERRORS: dict[str, type[EdgeLlamaError]] = {
 }
 
 
-def from_wire(code: str, message: str, retry_after_ms: int | None = None) -> EdgeLlamaError:
-    """Rebuild the typed error a daemon sent as an `error` line (client side)."""
-    cls = WIRE_ERRORS.get(code, InternalError)
-    return cls(message, retry_after_ms=retry_after_ms)
+def from_wire(event: dict[str, Any]) -> EdgeLlamaError:
+    """Rebuild the typed error of an `error` line a daemon sent (client side)."""
+    cls = WIRE_ERRORS.get(event["code"], InternalError)
+    return cls(event["message"], retry_after_ms=event.get("retry_after_ms"))
