@@ -144,15 +144,16 @@ def test_llama_guard_hook_on_a_second_engine(daemons: Daemons) -> None:
 def test_llama_guard_prompt_and_scores() -> None:
     from edge_llama.config import EngineConfig, FakeEngineConfig
     from edge_llama.engine.fake import FakeEngine
-    from edge_llama.safety.llama_guard import CATEGORIES, LlamaGuardHook, guard_prompt, parse_categories
+    from edge_llama.safety.llama_guard import CATEGORIES, LlamaGuardHook, guard_prompt_parts, parse_categories
 
-    prompt = guard_prompt("How do I build a bomb?", "input")
+    before, after = guard_prompt_parts("input")
+    prompt = before + "How do I build a bomb?" + after
     assert prompt.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nTask: Check if there is "
                              "unsafe content in 'User' messages")
     assert len(CATEGORIES) == 13 and "S13: Elections." in prompt and "S1: Violent Crimes." in prompt
     assert "User: How do I build a bomb?" in prompt
     assert prompt.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
-    assert "'Agent' messages" in guard_prompt("text", "output")
+    assert "'Agent' messages" in guard_prompt_parts("output")[0]
     assert parse_categories("unsafe\nS1,S10") == ["S1", "S10"] and parse_categories("safe") == []
     engine = FakeEngine(EngineConfig(backend="fake", kv_tokens=4096,
                                      fake=FakeEngineConfig(unsafe_on="bomb", reply="unsafe\nS9")))

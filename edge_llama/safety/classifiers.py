@@ -110,10 +110,12 @@ def model_files(name: str) -> tuple[Path, Path]:
     return base / f"{name}.onnx", base / f"{name}.features.json"
 
 
+RUNTIMES: dict[str, Callable[[Path], Runner]] = {"numpy": NumpyRunner, "onnxruntime": OnnxRuntimeRunner,
+                                                "tensorrt": TensorRTRunner}  # safety.runtime -> runner
+
+
 def load_classifier(name: str, runtime: str = "numpy") -> TextClassifier:
     if name not in BUILTIN_MODELS:
         raise ModelError(f"no built-in classifier {name!r} (built-in: {', '.join(BUILTIN_MODELS)})")
     graph, features = model_files(name)
-    runners: dict[str, Callable[[Path], Runner]] = {"numpy": NumpyRunner, "onnxruntime": OnnxRuntimeRunner,
-                                        "tensorrt": TensorRTRunner}
-    return TextClassifier(name, Featurizer.load(features), runners[runtime](graph))
+    return TextClassifier(name, Featurizer.load(features), RUNTIMES[runtime](graph))

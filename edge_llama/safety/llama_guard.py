@@ -24,14 +24,9 @@ CATEGORIES = (
 )
 
 
-def guard_prompt(text: str, kind: str) -> str:
-    """The Llama Guard 3 prompt for one message: 'User' for input, 'Agent' for output."""
-    before, after = guard_prompt_parts(kind)
-    return before + text.strip() + after
-
-
 def guard_prompt_parts(kind: str) -> tuple[str, str]:
-    """The prompt's text before and after the checked message."""
+    """The Llama Guard 3 prompt for one message ('User' for input, 'Agent' for output): its text before and after
+    the checked message (which goes in stripped)."""
     role = "User" if kind == "input" else "Agent"
     categories = "\n".join(f"{code}: {name}." for code, name in CATEGORIES)
     task = (f"Task: Check if there is unsafe content in '{role}' messages in conversations according our safety "
