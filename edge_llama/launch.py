@@ -18,15 +18,17 @@ class DaemonProcess:
     """`edge-llama serve` in a child process on `socket`; stop() sends SIGTERM and returns the exit status."""
 
     def __init__(self, socket: Path, args: Sequence[str] = (), log: Path | None = None,
-                 env: dict[str, str] | None = None, command: Sequence[str] = ()) -> None:
+                 env: dict[str, str] | None = None, command: Sequence[str] = (),
+                 program: Sequence[str] = (sys.executable, "-m", "edge_llama"), cwd: Path | None = None) -> None:
         self.socket = socket
         self.log_path = log
         out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed in stop()
         self._log = out
-        # `command` prefixes the daemon (e.g. systemd-socket-activate ...), `env` adds to the environment.
+        # `command` prefixes the daemon (e.g. systemd-socket-activate ...), `env` adds to the environment,
+        # `program` is how edge-llama is run (an installed `edge-llama` script, say).
         self.proc = subprocess.Popen(
-            [*command, sys.executable, "-m", "edge_llama", "serve", "--socket", str(socket), *args],
-            stdout=out, stderr=out, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            [*command, *program, "serve", "--socket", str(socket), *args],
+            stdout=out, stderr=out, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, cwd=cwd,
         )
 
     def wait_ready(self, timeout: float = 60.0) -> dict:

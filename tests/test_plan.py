@@ -62,3 +62,33 @@ def test_plan_cli_prints_derivations_and_json() -> None:
     as_json = subprocess.run([sys.executable, "-m", "edge_llama", "plan", "--device", "orin-nx-16gb", "--json"],
                              capture_output=True, text=True, timeout=30)
     assert json.loads(as_json.stdout)["device"]["key"] == "orin-nx-16gb"
+
+
+def test_each_profile_gets_a_backend_with_commands_and_a_config_that_loads() -> None:
+    from edge_llama.config import from_dict
+
+    for key, device in devices().items():
+        p = plan(PlanOptions(device=key))
+        backend = p["backend"]
+        tree: dict = {}
+        for dotted, value in backend["config"].items():
+            section, leaf = dotted.split(".")
+            tree.setdefault(section, {})[leaf] = value
+        assert from_dict(tree).engine.backend == backend["name"]
+        assert backend["config"]["engine.kv_tokens"] == p["kv_tokens"]
+        if device.trtllm_0_12:  # every Orin on JetPack 6: the TensorRT-LLM engine, built on the device
+            assert backend["name"] == "trtllm" and device.cuda_arch == 87
+            assert backend["commands"][0].startswith("sudo deploy/install.sh --trtllm-wheel")
+            assert any(c.startswith("edge-llama build") for c in backend["commands"])
+        else:  # Thor on JetPack 7: llama.cpp built with CUDA for sm_110 (CUDA 13 numbering)
+            assert backend["name"] == "llamacpp"
+            assert backend["commands"][0].startswith("sudo deploy/install.sh --llamacpp --cuda-arch 110")
+            assert backend["config"]["engine.model"].endswith(".gguf")
+
+
+def test_mapped_engine_file_is_not_counted_as_resident() -> None:
+    p = plan(PlanOptions(device="orin-nano-8gb"))
+    value = {s["name"]: s["value"] for s in p["derivation"]}
+    assert p["engine_file_bytes"] == int(value["weights total"])
+    assert p["resident_bytes"] == int(value["weights total"] + value["activations"] + value["runtime overhead"]
+                                      + p["kv_tokens"] * p["kv_bytes_per_token"])

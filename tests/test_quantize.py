@@ -100,7 +100,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyp
 
 
 def test_export_is_a_self_describing_trtllm_checkpoint(exported) -> None:  # type: ignore[no-untyped-def]
-    from edge_llama.pipeline.manifest import verify_manifest
+    from edge_llama.manifest import verify_manifest
 
     opts, _ = exported
     manifest = verify_manifest(opts.out, kind="trtllm-checkpoint", backend="trtllm")

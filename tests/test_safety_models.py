@@ -8,7 +8,9 @@ import csv
 import importlib.util
 import json
 import sys
+import threading
 import types
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -95,24 +97,40 @@ class Recorder:
 
 
 def stand_in_tensorrt(recorder: Recorder, graph: Path):  # type: ignore[no-untyped-def]
-    """Just enough TensorRT 10 + pycuda for TensorRTRunner; 'execution' runs the ONNX file with onnxruntime."""
+    """Just enough TensorRT 10 + pycuda for TensorRTRunner; 'execution' runs the ONNX file with onnxruntime.
+
+    CUDA contexts are modelled as the driver keeps them: a stack per thread (cuCtxPushCurrent/cuCtxPopCurrent).
+    Every call that touches the GPU fails unless a context is current on the calling thread, as the real ones do
+    (CUDA_ERROR_INVALID_CONTEXT): the runner is used from the event loop and from worker threads."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
     memory: dict[int, np.ndarray] = {}
     state: dict[str, object] = {}
+    threads = threading.local()
 
+    def on_gpu(fn):  # type: ignore[no-untyped-def]
+        def call(*args):  # type: ignore[no-untyped-def]
+            if not getattr(threads, "contexts", None):
+                raise RuntimeError(f"{fn.__name__}: CUDA_ERROR_INVALID_CONTEXT (no context current on this thread)")
+            return fn(*args)
+        return call
+
+    @on_gpu
     def mem_alloc(nbytes):  # type: ignore[no-untyped-def]
         address = len(memory) + 1
         memory[address] = np.zeros(nbytes // 4, dtype=np.float32)
         return address
 
+    @on_gpu
     def htod(dst, src, stream):  # type: ignore[no-untyped-def]
         memory[dst][: src.size] = src.ravel()
 
+    @on_gpu
     def dtoh(dst, src, stream):  # type: ignore[no-untyped-def]
         dst.ravel()[:] = memory[src][: dst.size]
 
+    @on_gpu
     def execute(stream_handle):  # type: ignore[no-untyped-def]
         shape = state["shape"]
         x = memory[state["tf"]][: shape[0] * shape[1]].reshape(shape)
@@ -124,7 +142,7 @@ def stand_in_tensorrt(recorder: Recorder, graph: Path):  # type: ignore[no-untyp
                     set_tensor_address=lambda name, addr: state.__setitem__(name, addr),
                     set_input_shape=lambda name, shape: state.__setitem__("shape", shape),
                     execute_async_v3=execute)
-    engine = r.obj("ICudaEngine", create_execution_context=lambda: context)
+    engine = r.obj("ICudaEngine", create_execution_context=on_gpu(lambda: context))
     vocab = session.get_inputs()[0].shape[1]
     network = r.obj("INetworkDefinition", get_input=lambda i: r.obj("ITensor", shape=(-1, vocab)))
     parser = r.obj("OnnxParser", parse=lambda data: True, num_errors=0, get_error=lambda i: "")
@@ -132,8 +150,9 @@ def stand_in_tensorrt(recorder: Recorder, graph: Path):  # type: ignore[no-untyp
                    add_optimization_profile=lambda p: 0)
     profile = r.obj("IOptimizationProfile", set_shape=lambda name, lo, opt, hi: None)
     builder = r.obj("Builder", create_network=lambda flags: network, create_builder_config=lambda: config,
-                    create_optimization_profile=lambda: profile, build_serialized_network=lambda n, c: b"plan")
-    runtime = r.obj("Runtime", deserialize_cuda_engine=lambda plan: engine)
+                    create_optimization_profile=lambda: profile,
+                    build_serialized_network=on_gpu(lambda n, c: b"plan"))
+    runtime = r.obj("Runtime", deserialize_cuda_engine=on_gpu(lambda plan: engine))
     trt = types.SimpleNamespace(
         Logger=lambda level: r.used.add("Logger") or object(),
         Builder=lambda logger: r.used.add("Builder") or builder,
@@ -142,25 +161,45 @@ def stand_in_tensorrt(recorder: Recorder, graph: Path):  # type: ignore[no-untyp
         MemoryPoolType=types.SimpleNamespace(WORKSPACE="workspace"))
     trt.Logger.WARNING = 2  # type: ignore[attr-defined]
     stream = r.obj("Stream", handle=0, synchronize=lambda: None)
+
+    class Context:
+        def push(self) -> None:
+            r.used.add("Context.push")
+            threads.contexts = [*getattr(threads, "contexts", []), self]
+
+        @staticmethod
+        def pop() -> None:  # pycuda: a static method popping the calling thread's current context
+            r.used.add("Context.pop")
+            threads.contexts = threads.contexts[:-1]
+
+    primary = Context()
+    device = r.obj("Device", retain_primary_context=lambda: primary)
     driver = types.SimpleNamespace(mem_alloc=mem_alloc, memcpy_htod_async=htod, memcpy_dtoh_async=dtoh,
-                                   Stream=lambda: stream)
+                                   Stream=on_gpu(lambda: stream), Context=Context, init=lambda: r.used.add("init"),
+                                   Device=lambda ordinal: r.used.add("Device") or device,
+                                   current=lambda: len(getattr(threads, "contexts", [])))
     pycuda = types.ModuleType("pycuda")
     pycuda.driver = driver  # type: ignore[attr-defined]
     return trt, pycuda, driver
 
 
-def test_tensorrt_runner_uses_only_the_tensorrt10_api_and_matches_onnxruntime(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_tensorrt_runner_uses_only_the_tensorrt10_api_and_runs_from_any_thread(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     graph, _ = model_files("offensive")
     recorder = Recorder()
     trt, pycuda, driver = stand_in_tensorrt(recorder, graph)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setitem(sys.modules, "pycuda", pycuda)
     monkeypatch.setitem(sys.modules, "pycuda.driver", driver)
-    monkeypatch.setitem(sys.modules, "pycuda.autoinit", types.ModuleType("pycuda.autoinit"))
     runner = TensorRTRunner(graph)
+    assert driver.current() == 0  # the context was pushed for the build and popped after
     reference = load_classifier("offensive", "onnxruntime")
     texts = [f"text number {i}: you stupid moron" if i % 3 == 0 else f"a calm sentence {i}" for i in range(11)]
     features = reference.featurizer.transform(texts)
     assert np.allclose(runner.run(features), reference.runner.run(features), atol=1e-6)  # batches of 8 + 3
-    allowed = set(API["tensorrt"]) | {f"Stream.{m}" for m in ("handle", "synchronize")}
-    assert recorder.used <= allowed, recorder.used - allowed
+    # A `slow` hook checks on worker threads: each call makes the context current on its own thread.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(runner.run, [features] * 4))
+    assert all(np.allclose(r, results[0]) for r in results)
+    used_pycuda = {"init", "Device", "Device.retain_primary_context", "Context.push", "Context.pop"}
+    allowed = set(API["tensorrt"]) | {f"Stream.{m}" for m in ("handle", "synchronize")} | set(API["pycuda"])
+    assert used_pycuda <= recorder.used and recorder.used <= allowed, recorder.used - allowed

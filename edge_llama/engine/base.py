@@ -65,6 +65,11 @@ class Engine(ABC):
     def close(self) -> None:  # noqa: B027 - backends without native resources need nothing here
         """Free native resources."""
 
+    def fault(self) -> str | None:
+        """Why the engine can no longer serve (e.g. an executor that never ended a cancelled request), else None.
+        The daemon reports it in `health` and stops pinging the systemd watchdog, so the service restarts."""
+        return None
+
     # Set by load(); backends that know them earlier may override the properties.
     _capacity: Capacity | None = None
     _template: TemplateInfo | None = None

@@ -1,8 +1,10 @@
-"""llama.cpp backend (llama-cpp-python): the CPU engine that runs anywhere.
+"""llama.cpp backend (llama-cpp-python): the engine that runs anywhere (the CPU, or a Jetson GPU with CUDA).
 
-KV budget = the llama.cpp context size (n_ctx = engine.kv_tokens). The prompt is evaluated in batches of
-engine.batch_tokens with a cancel check between batches; the tokens already in the KV cache from the previous
-request are reused when the new prompt starts with them (turn N of a conversation evaluates only what is new).
+KV budget = the llama.cpp context size (n_ctx = engine.kv_tokens). Layers go to the GPU (engine.gpu_layers) when
+llama-cpp-python was built with CUDA, as deploy/install.sh does on a Jetson (NOT VERIFIED ON HARDWARE here).
+The prompt is evaluated in batches of engine.batch_tokens with a cancel check between batches; the tokens already
+in the KV cache from the previous request are reused when the new prompt starts with them (turn N of a
+conversation evaluates only what is new).
 """
 
 from __future__ import annotations
@@ -73,11 +75,15 @@ class LlamaCppEngine(Engine):
         except ImportError:
             raise ModelError("llama-cpp-python is not installed: pip install 'edge-llama[cpu]'") from None
         threads = self._config.threads or os.cpu_count() or 1
+        gpu_layers = self._config.gpu_layers
+        if gpu_layers is None:  # all layers (-1) where this llama.cpp build can offload (CUDA on a Jetson)
+            gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0
         kv_type = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}[self._config.kv_cache_type]
         try:
             self._llm = llama_cpp.Llama(
                 str(self._path),
                 n_ctx=self._config.kv_tokens,
+                n_gpu_layers=gpu_layers,
                 n_batch=self._config.batch_tokens,
                 n_ubatch=self._config.batch_tokens,
                 n_threads=threads,

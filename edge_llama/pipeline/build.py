@@ -20,7 +20,7 @@ from typing import Any
 
 from edge_llama import __version__
 from edge_llama.errors import ConfigError, EdgeLlamaError, ModelError
-from edge_llama.pipeline.manifest import MANIFEST, file_entries, sha256_file, verify_manifest, write_manifest
+from edge_llama.manifest import MANIFEST, file_entries, sha256_file, verify_manifest, write_manifest
 from edge_llama.pipeline.quantize import TOKENIZER_FILES
 
 

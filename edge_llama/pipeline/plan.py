@@ -70,6 +70,7 @@ class Device:
     runtime_overhead_gib: float
     jetpack: str
     trtllm_0_12: bool
+    cuda_arch: int
 
 
 def devices() -> dict[str, Device]:
@@ -138,6 +139,11 @@ def plan(opts: PlanOptions) -> dict[str, Any]:
     lm_head = step("lm_head (FP16)", m.vocab * m.hidden * 2, f"{m.vocab} x {m.hidden} x 2 bytes (not quantized)")
     weights = step("weights total", int4 + scales + prequant + norms + embedding + lm_head,
                    "INT4 + scales + pre-quant + norms + embedding + lm_head")
+    # TensorRT-LLM maps the engine file (use_mmap=True): the pages it reads while deserializing are clean page
+    # cache the kernel can drop, so they are not resident cost. Without use_mmap the runtime would keep a heap copy
+    # of the whole file next to the weights (NVIDIA's README4Jetson: 12.3 GB vs 7.3 GB for an INT4 Llama-3-8B).
+    engine_file = step("engine file (mapped, not counted)", weights,
+                       "~ weights; read through use_mmap as reclaimable page cache, not added to resident")
     kv_bytes = 1 if opts.kv_dtype == "int8" else 2
     kv_per_token = step("KV per token", m.layers * 2 * m.kv_heads * m.head_dim * kv_bytes,
                         f"{m.layers} layers x 2 (K,V) x {m.kv_heads} kv heads x {m.head_dim} x {kv_bytes} B")
@@ -176,8 +182,9 @@ def plan(opts: PlanOptions) -> dict[str, Any]:
     build_peak = step("build peak (estimate)", 2.5 * weights + 1.0 * GIB, "2.5 x weights + 1 GiB workspace")
     warnings = []
     if not dev.trtllm_0_12:
-        warnings.append(f"{dev.name} (JetPack {dev.jetpack}) is not supported by TensorRT-LLM 0.12-jetson: use "
-                        "TensorRT Edge-LLM there; the memory figures still hold")
+        warnings.append(f"{dev.name} (JetPack {dev.jetpack}) is not supported by TensorRT-LLM 0.12-jetson: it runs "
+                        "llama.cpp with CUDA (below); the memory figures are for the INT4-AWQ engine, a Q4_K_M GGUF "
+                        "is of similar size (~0.8 GB of weights)")
     if build_peak > dev.memory_gib * GIB - 1.0 * GIB:
         warnings.append(f"building may be OOM-killed on this device (peak ~{build_peak / GIB:.1f} GiB): add swap "
                         "(e.g. 8 GiB on NVMe), stop the desktop, or build on a larger Orin with the same JetPack")
@@ -196,7 +203,37 @@ def plan(opts: PlanOptions) -> dict[str, Any]:
         "bytes_read_per_token": int(read_empty), "decode_ceiling_tok_s": round(ceiling, 1),
         "decode_ceiling_full_context_tok_s": round(ceiling_full, 1), "build_peak_bytes": int(build_peak),
         "trtllm_build_flags": build_flags, "runtime": {"engine.kv_tokens": int(kv_tokens)},
+        "engine_file_bytes": int(engine_file), "backend": serving_backend(dev, m, int(kv_tokens)),
         "derivation": steps, "warnings": warnings,
+    }
+
+
+def serving_backend(dev: Device, m: ModelShape, kv_tokens: int) -> dict[str, Any]:
+    """Which backend serves on `dev`, with the commands that set it up and the config that uses it."""
+    if dev.trtllm_0_12:
+        engine = f"/var/lib/edge-llama-models/{m.name}"
+        return {
+            "name": "trtllm",
+            "why": f"TensorRT-LLM 0.12.0-jetson runs on {dev.name} (JetPack {dev.jetpack}, Python 3.10)",
+            "commands": [
+                "sudo deploy/install.sh --trtllm-wheel tensorrt_llm-0.12.0-cp310-cp310-linux_aarch64.whl",
+                f"edge-llama quantize --model {m.name} --out {m.name}-awq        # any machine; a CUDA GPU is fastest",
+                f"edge-llama plan --device {dev.key} --json > plan.json",
+                f"edge-llama build --checkpoint {m.name}-awq --plan plan.json --out {engine}   # on the device",
+            ],
+            "config": {"engine.backend": "trtllm", "engine.model": engine, "engine.kv_tokens": kv_tokens},
+        }
+    gguf = f"/var/lib/edge-llama-models/{m.name}-Q4_K_M.gguf"
+    return {
+        "name": "llamacpp",
+        "why": f"TensorRT-LLM 0.12.0-jetson does not run on {dev.name} (JetPack {dev.jetpack}): llama.cpp with "
+               f"CUDA (sm_{dev.cuda_arch}) and a GGUF of the model",
+        "commands": [
+            f"sudo deploy/install.sh --llamacpp --cuda-arch {dev.cuda_arch}   # llama-cpp-python with GGML_CUDA=on",
+            f"sudo install -m 0644 {m.name}-Q4_K_M.gguf /var/lib/edge-llama-models/   # a GGUF of the model",
+        ],
+        "config": {"engine.backend": "llamacpp", "engine.model": gguf, "engine.kv_tokens": kv_tokens,
+                   "engine.gpu_layers": None},
     }
 
 
@@ -221,6 +258,9 @@ def format_plan(p: dict[str, Any]) -> str:
               f"{p['headroom_bytes'] / GIB:.2f} GiB in the budget",
               f"decode ceiling:       {p['decode_ceiling_tok_s']} tok/s (empty context), "
               f"{p['decode_ceiling_full_context_tok_s']} tok/s (full context)",
-              "trtllm-build flags:   " + " ".join(p["trtllm_build_flags"])]
+              "trtllm-build flags:   " + " ".join(p["trtllm_build_flags"]),
+              f"backend:              {p['backend']['name']} ({p['backend']['why']})"]
+    lines += [f"  $ {command}" for command in p["backend"]["commands"]]
+    lines += ["  config: " + ", ".join(f"{k}: {'null' if v is None else v}" for k, v in p["backend"]["config"].items())]
     lines += [f"warning: {w}" for w in p["warnings"]]
     return "\n".join(lines)

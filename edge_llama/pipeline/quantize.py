@@ -26,8 +26,8 @@ from typing import Any
 
 from edge_llama import __version__
 from edge_llama.errors import ConfigError, ModelError
+from edge_llama.manifest import file_entries, hash_files, write_manifest
 from edge_llama.pipeline.awq_fused import clip_search, fuse_shared_inputs, round_pre_quant_scales, unfuse
-from edge_llama.pipeline.manifest import file_entries, hash_files, write_manifest
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 # awq_lite fake-quantizes every weight once per alpha per forward call, whatever the batch holds: several

