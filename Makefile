@@ -1,12 +1,16 @@
 # `make demo` and `make test` work on a fresh Linux machine: tools/setup.sh installs what they need, idempotently.
 PY := .venv/bin/python
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo voice-demo test lint bench clean
 setup:
 	@bash tools/setup.sh
 
 demo: setup
 	@$(PY) tools/demo.py
+
+# Speaks the daemon's answer to a bundled spoken question (edge_llama/data/voice/question.wav) into voice-demo.wav.
+voice-demo: setup
+	@HF_HUB_OFFLINE=1 $(PY) -c 'import sys; from edge_llama.voice.cli import demo; sys.exit(demo())'
 
 test: setup
 	@$(PY) -m ruff check edge_llama tests tools
