@@ -76,6 +76,30 @@ def direct(engine: LlamaCppEngine, template, text: str, max_tokens: int) -> dict
             "text": "".join(pieces)}
 
 
+def start_daemon(workdir: Path, config: str = "") -> DaemonProcess:
+    """The daemon the benchmarks measure: the embedded model, KV_TOKENS, the safety guard off (this measures the
+    daemon's own cost: socket, protocol, scheduling; tools/bench/safety.py measures the guard's). `config`: more
+    YAML."""
+    (workdir / "config.yaml").write_text("safety:\n  enabled: false\n" + config)
+    return DaemonProcess(workdir / "s.sock", ["--state-dir", str(workdir / "state"), "--kv-tokens", str(KV_TOKENS),
+                                              "--config", str(workdir / "config.yaml")], log=workdir / "daemon.log")
+
+
+def compare(rows: list[dict], side: str, baseline: str) -> dict[str, float]:
+    """decode_ratio (median decode rates, side / baseline), ttft_added_ms (per-prompt differences: p50, p90) and
+    each side's medians."""
+    decode = {name: statistics.median(r[name]["decode_tok_s"] for r in rows) for name in (side, baseline)}
+    added = [r[side]["ttft_ms"] - r[baseline]["ttft_ms"] for r in rows]
+    return {
+        "decode_ratio": round(decode[side] / decode[baseline], 4),
+        "ttft_added_ms": round(percentile(added, 0.5), 2),
+        "ttft_added_p90_ms": round(percentile(added, 0.9), 2),
+        **{f"{name}_decode_tok_s": round(decode[name], 1) for name in (side, baseline)},
+        **{f"{name}_ttft_ms_p50": round(percentile([r[name]["ttft_ms"] for r in rows], 0.5), 1)
+           for name in (side, baseline)},
+    }
+
+
 def rss_mb(pid: int | str = "self") -> dict[str, float]:
     """Resident memory of a process in MiB: total, peak, and anonymous (what cannot be paged back to a file)."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
@@ -88,12 +112,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=128)
     args = parser.parse_args()
 
-    workdir = Path(tempfile.mkdtemp(prefix="el-bench-", dir="/tmp"))
-    # The safety guard is off here: this measures the daemon's own cost (socket, protocol, scheduling);
-    # tools/bench/safety.py measures the guard's.
-    (workdir / "config.yaml").write_text("safety:\n  enabled: false\n")
-    daemon = DaemonProcess(workdir / "s.sock", ["--state-dir", str(workdir / "state"), "--kv-tokens", str(KV_TOKENS),
-                                                "--config", str(workdir / "config.yaml")], log=workdir / "daemon.log")
+    daemon = start_daemon(Path(tempfile.mkdtemp(prefix="el-bench-", dir="/tmp")))
     engine = LlamaCppEngine(EngineConfig(kv_tokens=KV_TOKENS))
     engine.load()
     template = template_for(None, engine.template_info)
@@ -121,17 +140,8 @@ def main() -> int:
         daemon.stop()
         engine.close()
 
-    socket_decode = statistics.median(r["socket"]["decode_tok_s"] for r in rows)
-    direct_decode = statistics.median(r["direct"]["decode_tok_s"] for r in rows)
-    added = [r["socket"]["ttft_ms"] - r["direct"]["ttft_ms"] for r in rows]
     print(json.dumps({
-        "decode_ratio": round(socket_decode / direct_decode, 4),
-        "ttft_added_ms": round(percentile(added, 0.5), 2),
-        "ttft_added_p90_ms": round(percentile(added, 0.9), 2),
-        "socket_decode_tok_s": round(socket_decode, 1),
-        "direct_decode_tok_s": round(direct_decode, 1),
-        "socket_ttft_ms_p50": round(percentile([r["socket"]["ttft_ms"] for r in rows], 0.5), 1),
-        "direct_ttft_ms_p50": round(percentile([r["direct"]["ttft_ms"] for r in rows], 0.5), 1),
+        **compare(rows, "socket", "direct"),
         # The daemon process vs this one, which holds the same engine (same model and KV budget) plus the client.
         "daemon_rss_mb": memory["daemon"]["VmRSS"], "direct_rss_mb": memory["direct"]["VmRSS"],
         "rss_added_mb": round(memory["daemon"]["VmRSS"] - memory["direct"]["VmRSS"], 1),
