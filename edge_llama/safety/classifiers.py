@@ -10,6 +10,7 @@ The TensorRT runner is NOT VERIFIED ON HARDWARE; its API use is contract-tested 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.resources import files
@@ -65,6 +66,7 @@ class TensorRTRunner:
         self._cuda, self._trt = cuda, trt
         cuda.init()
         self._primary = cuda.Device(0).retain_primary_context()
+        self._lock = threading.Lock()
         with self._current():
             self._build(path)
 
@@ -105,7 +107,9 @@ class TensorRTRunner:
 
     def run(self, features: np.ndarray) -> np.ndarray:
         out = []
-        with self._current():
+        # One execution context and one pair of device buffers: checks from two threads at once would overwrite
+        # each other's inputs, so they take turns (~0.1 ms each).
+        with self._lock, self._current():
             for start in range(0, len(features), MAX_TRT_BATCH):
                 batch = np.ascontiguousarray(features[start:start + MAX_TRT_BATCH], dtype=np.float32)
                 result = np.empty((len(batch), 1), dtype=np.float32)

@@ -41,11 +41,15 @@ class Verdict:
     categories: dict[str, float] = field(default_factory=dict)  # category -> score, those that flagged/blocked
     hooks: list[str] = field(default_factory=list)
     error: str | None = None  # a hook failed (fail mode applied)
+    # How near the worst score came to blocking: score / block threshold, the highest over the rules that block
+    # this kind of text (1.0 when a hook failed: nothing is known). The streaming guard releases text early only
+    # well below 1. Not reported to clients.
+    pressure: float = 0.0
 
     def merge(self, other: Verdict) -> Verdict:
         action = self.action if RANK[self.action] >= RANK[other.action] else other.action
         return Verdict(action, {**self.categories, **other.categories}, sorted(set(self.hooks + other.hooks)),
-                       self.error or other.error)
+                       self.error or other.error, max(self.pressure, other.pressure))
 
     def as_dict(self) -> dict[str, Any]:
         categories = {k: round(v, 4) for k, v in self.categories.items()}
@@ -100,6 +104,7 @@ def load_hook(spec: str, config: SafetyConfig) -> Hook:
 
 
 MAX_SLICE_CHARS = 2000
+INLINE_CHECK_CHARS = 8192  # longer texts are checked off the event loop (the classifiers take ~0.1 ms per KiB)
 
 
 def word_windows(text: str, size: int) -> list[str]:
@@ -150,12 +155,25 @@ class SafetyPolicy:
             return "flag"
         return "allow"
 
+    def _pressure(self, category: str, score: float, kind: Kind) -> float:
+        rule = self._rules.get(category)
+        if rule is None or kind not in rule.on or rule.block is None:
+            return 0.0
+        return score / rule.block if rule.block > 0 else 1.0
+
     async def check_async(self, texts: Sequence[str], kind: Kind) -> Verdict:
-        """`check` from the event loop: inline for fast hooks (a thread hop costs more than they do), in a worker
-        thread when a hook is slow."""
-        if self.slow:
+        """`check` from the event loop: inline for fast hooks on short texts (a thread hop costs more than they
+        do), in a worker thread when a hook is slow or the texts are long (a 1 MiB document takes ~100 ms)."""
+        if self.slow or sum(len(t) for t in texts) > INLINE_CHECK_CHARS:
             return await asyncio.to_thread(self.check, texts, kind)
         return self.check(texts, kind)
+
+    def close(self) -> None:
+        """Free what hooks hold (a Llama Guard engine); called when a reload replaced this policy."""
+        for hook in self.hooks:
+            close = getattr(hook, "close", None)
+            if close is not None:
+                close()
 
     def check(self, texts: Sequence[str], kind: Kind) -> Verdict:
         """Each hook sees the texts cut the way it needs (`window_words`: overlapping word windows; otherwise
@@ -164,6 +182,7 @@ class SafetyPolicy:
         texts = [t for t in texts if t.strip()]
         if not texts:
             return verdict
+        pressure = 0.0
         for hook in self.hooks:
             declared = getattr(hook, "categories", None)  # a hook that declares its categories is skipped
             if declared is not None and not any(self._applies(c, kind) for c in declared):  # where no rule uses them
@@ -177,10 +196,13 @@ class SafetyPolicy:
                 log.error("safety hook %s failed (%s: %s): fail %s -> %s", hook.name, type(exc).__name__, exc,
                           self.config.fail_mode, action, extra={"SAFETY_HOOK": hook.name, "SAFETY_ACTION": action})
                 verdict = verdict.merge(Verdict(action, {}, [hook.name], f"{hook.name}: {type(exc).__name__}"))
+                pressure = 1.0
                 continue
             for scores in results:
                 for category, score in scores.items():
+                    pressure = max(pressure, self._pressure(category, score, kind))
                     action = self._decide(category, score, kind)
                     if action != "allow":
                         verdict = verdict.merge(Verdict(action, {category: score}, [hook.name]))
+        verdict.pressure = pressure
         return verdict

@@ -58,6 +58,9 @@ class LlamaGuardHook:
         self._unsafe = engine.tokenize("unsafe")[0]
         self._lock = threading.Lock()  # one engine: one check at a time
 
+    def close(self) -> None:
+        self.engine.close()
+
     def scores(self, texts: Sequence[str], kind: str) -> list[dict[str, float]]:
         out = []
         before, after = (self.engine.tokenize(part) for part in guard_prompt_parts(kind))

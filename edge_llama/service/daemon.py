@@ -6,7 +6,10 @@ Main loop: signal handlers only set flags; SIGHUP re-reads the config (RELOADING
 end the loop. The watchdog is pinged from the event loop only while the engine makes progress.
 shutdown: STOPPING=1, stop accepting, let admitted requests finish within server.shutdown_grace_s, cancel the
 rest (each still ends with one `done` or `error` line), remove the socket we created (never an activated one),
-free the engine. Exit status 0.
+free the engine. Exit status 0; 1 when the engine went out of service without a systemd watchdog to decide, or
+a background task (watchdog, session sweep, loop monitor) died.
+Blocking work never runs on the event loop: engine hashing and loading, the safety policy's models, session
+files, long tokenizations and checks all go to threads (stats `loop.max_stall_ms` shows the worst wake-up delay).
 """
 
 from __future__ import annotations
@@ -14,14 +17,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
+import sys
 import threading
 import time
+from collections.abc import Awaitable, Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
-from edge_llama.config import Config, live_update, load_config, socket_path, state_dir, with_overrides
-from edge_llama.engine import GenParams, create_engine
+from edge_llama.config import (
+    Config,
+    check_private_dir,
+    live_update,
+    load_config,
+    per_user_socket_path,
+    socket_path,
+    state_dir,
+    with_overrides,
+)
+from edge_llama.engine import Engine, GenParams, create_engine
 from edge_llama.errors import EdgeLlamaError, InternalError, SocketInUse
 from edge_llama.prompting.template import ChatTemplate, template_for
 from edge_llama.protocol import Message
@@ -37,6 +53,9 @@ log = logging.getLogger("edge_llama.daemon")
 LOAD_KEEPALIVE_S = 5.0  # how often a long model load tells systemd it is still starting
 LOAD_EXTEND_S = 30.0  # ... and by how much it extends the start timeout each time
 SESSION_SWEEP_S = 3600.0  # how often idle sessions are looked for
+FAULT_CHECK_S = 1.0  # without a systemd watchdog, how often a faulted engine is looked for
+LOOP_PROBE_S = 0.01  # the loop monitor's sleep: a stall shows as a late wake-up
+T = TypeVar("T")
 
 
 class Daemon:
@@ -51,6 +70,8 @@ class Daemon:
         self._reload = False
         self._signals = 0
         self._cancel_now = asyncio.Event()  # a second exit signal: do not wait for running answers
+        self.status = 0  # exit status: 1 when the engine or a background task failed
+        self.engine_lost = False  # the engine thread never came back (see serve())
 
     # --- signals: only set flags ---------------------------------------------------------------------------
     def _on_exit_signal(self, signum: int) -> None:
@@ -65,13 +86,16 @@ class Daemon:
         self._wake.set()
 
     # --- lifecycle -------------------------------------------------------------------------------------------
-    async def run(self) -> None:
+    async def run(self) -> int:
+        """Serve until an exit signal; returns the exit status (1 when the engine or a background task failed)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_exit_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
         activated = activated_socket()
         path = Path(activated.getsockname()) if activated is not None else socket_path(self.config)
+        if activated is None and path == per_user_socket_path():
+            check_private_dir(path.parent, create=True)
         sessions = SessionStore(state_dir(self.config), self.config.server.max_session_messages)
         try:
             sessions.prepare()
@@ -79,23 +103,22 @@ class Daemon:
             raise EdgeLlamaError(f"cannot create state directory {sessions.root}: {exc.strerror}") from exc
         if activated is None:
             _check_socket_free(path)
-        self._sweep_sessions(sessions)  # after the check: a daemon that is refused touches nothing
+        await asyncio.to_thread(self._sweep_sessions, sessions)  # after the check: a refused daemon touches nothing
 
-        engine = create_engine(self.config.engine)
-        scheduler = Scheduler(engine, self.config.server.max_queue, self.config.server.stream_interval_ms)
+        engine, scheduler, template = await self._load()
         try:
-            template = await self._load(scheduler)
             if self._exit:
-                return
-            safety = SafetyPolicy.from_config(self.config.safety)
+                return self.status
+            safety = await asyncio.to_thread(SafetyPolicy.from_config, self.config.safety)
             log.info("safety: %s", ", ".join(h.name for h in safety.hooks) if safety.active else "off")
             handlers = Handlers(self.config, scheduler, template, sessions, safety)
             sock = activated or bind_unix_socket(path, self.config.server.socket_mode)
             server = Server(self.config, handlers)
             server.socket_file = path
             server.policy = policy_for(self.config.server, path)
-            watchdog = asyncio.create_task(self._watchdog(scheduler))
-            expiry = asyncio.create_task(self._expire_sessions(sessions))
+            background = [self._supervise(self._watchdog(scheduler), "watchdog"),
+                          self._supervise(self._expire_sessions(sessions), "session sweep"),
+                          self._supervise(self._measure_loop(handlers), "loop monitor")]
             try:
                 await server.start(sock)
                 handlers.state = "ready"
@@ -104,41 +127,78 @@ class Daemon:
                 self.notifier.ready(self._status(handlers))
                 await self._main_loop(server, handlers)
                 handlers.state = "stopping"
-                watchdog.cancel()  # systemd enforces TimeoutStopSec from here on
+                background[0].cancel()  # the watchdog: systemd enforces TimeoutStopSec from here on
                 self.notifier.stopping()
                 log.info("shutting down: no new requests; %d admitted", scheduler.admitted)
                 server.stop_accepting()
                 await server.drain(self.config.server.shutdown_grace_s, self._cancel_now)
             finally:
-                watchdog.cancel()
-                expiry.cancel()
+                for task in background:
+                    task.cancel()
                 sock.close()
                 if activated is None:
                     path.unlink(missing_ok=True)
         finally:
+            self.engine_lost = scheduler.lost is not None
+            scheduler.close()
+            if not self.engine_lost:  # a lost engine thread may be inside the backend: leave it alone
+                engine.close()
+            self.notifier.close()
+        log.info("stopped%s", f" (exit status {self.status})" if self.status else "")
+        return self.status
+
+    async def _load(self) -> tuple[Engine, Scheduler, ChatTemplate]:
+        """Open the engine (its manifest's file hashes: seconds for a GB engine), load it and warm it up, all on
+        threads, while telling systemd the start is still going on."""
+        started = time.monotonic()
+        backend = self.config.engine.backend
+        self.notifier.status(f"loading model ({backend} backend)")
+        engine = await self._keep_starting(asyncio.to_thread(create_engine, self.config.engine))
+        server = self.config.server
+        scheduler = Scheduler(engine, server.max_queue, server.stream_interval_ms, server.engine_stall_s)
+        try:
+            await self._keep_starting(scheduler.call(engine.load))
+            template = template_for(self.config.engine.chat_template, engine.template_info)
+            if server.warmup:
+                self.notifier.status("warming up")
+                await self._keep_starting(scheduler.call(_warm_up, engine, template))
+        except BaseException:
             scheduler.close()
             engine.close()
-            self.notifier.close()
-        log.info("stopped")
-
-    async def _load(self, scheduler: Scheduler) -> ChatTemplate:
-        engine = scheduler.engine
-        started = time.monotonic()
-        self.notifier.status(f"loading model ({engine.name} backend)")
-        load = asyncio.ensure_future(scheduler.call(engine.load))
-        while not load.done():
-            # A long load (a TensorRT engine on a Jetson can take minutes) keeps extending the start timeout.
-            self.notifier.extend_timeout(LOAD_EXTEND_S)
-            self.notifier.watchdog()
-            await asyncio.wait({load}, timeout=LOAD_KEEPALIVE_S)
-        load.result()
-        template = template_for(self.config.engine.chat_template, engine.template_info)
-        if self.config.server.warmup:
-            self.notifier.status("warming up")
-            await scheduler.call(_warm_up, engine, template)
+            raise
         log.info("model %s loaded in %.2f s (backend %s, KV budget %d tokens, template %s)", engine.model_name,
                  time.monotonic() - started, engine.name, engine.capacity.kv_tokens, template.name)
-        return template
+        return engine, scheduler, template
+
+    async def _keep_starting(self, work: Awaitable[T]) -> T:
+        """Await `work` while extending systemd's start timeout (a TensorRT engine on a Jetson can take minutes)."""
+        future = asyncio.ensure_future(work)
+        while not future.done():
+            self.notifier.extend_timeout(LOAD_EXTEND_S)
+            self.notifier.watchdog()
+            await asyncio.wait({future}, timeout=LOAD_KEEPALIVE_S)
+        return future.result()
+
+    def _supervise(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """Run a background task that must live as long as the daemon. If it dies, the daemon logs why and exits
+        with status 1, so systemd restarts it: a dead watchdog task would otherwise stop the pings silently."""
+        task = asyncio.create_task(work, name=name)
+
+        def ended(task: asyncio.Task[None]) -> None:
+            if task.cancelled():
+                return
+            error = task.exception()
+            log.critical("background task '%s' ended%s: exiting so that the service restarts", name,
+                         f" with {type(error).__name__}: {error}" if error else "", exc_info=error)
+            self._fail()
+
+        task.add_done_callback(ended)
+        return task
+
+    def _fail(self) -> None:
+        self.status = 1
+        self._exit = True
+        self._wake.set()
 
     async def _main_loop(self, server: Server, handlers: Handlers) -> None:
         while True:
@@ -148,22 +208,26 @@ class Daemon:
                 return
             if self._reload:
                 self._reload = False
-                self._apply_reload(server, handlers)
+                await self._apply_reload(server, handlers)
 
-    def _apply_reload(self, server: Server, handlers: Handlers) -> None:
+    async def _apply_reload(self, server: Server, handlers: Handlers) -> None:
         self.notifier.reloading()
         try:
             new = with_overrides(load_config(self.config_file), self.overrides)
             new, ignored = live_update(self.config, new)
             policy = policy_for(new.server, server.socket_file)
-            safety = SafetyPolicy.from_config(new.safety) if new.safety != self.config.safety else handlers.safety
+            safety = handlers.safety
+            if new.safety != self.config.safety:  # a hook may load a model (Llama Guard): off the event loop
+                safety = await asyncio.to_thread(SafetyPolicy.from_config, new.safety)
         except EdgeLlamaError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc.message)
             self.notifier.ready(f"reload failed: {exc.message}; {self._status(handlers)}")
             return
         server.policy = policy
-        handlers.safety = safety
+        old_safety, handlers.safety = handlers.safety, safety
         self._install(new, server, handlers)
+        if old_safety is not safety:
+            await asyncio.to_thread(old_safety.close)
         if ignored:
             log.warning("reload: %s changed but only take effect after a restart", ", ".join(ignored))
         log.info("configuration reloaded")
@@ -175,6 +239,7 @@ class Daemon:
         handlers.config = config
         handlers.scheduler.max_queue = config.server.max_queue
         handlers.scheduler.stream_interval_s = config.server.stream_interval_ms / 1000
+        handlers.scheduler.stall_s = config.server.engine_stall_s
         handlers.sessions.max_messages = config.server.max_session_messages
         logging.getLogger().setLevel(config.log_level.upper())
 
@@ -184,7 +249,7 @@ class Daemon:
         while True:
             ttl_s = self.config.server.session_ttl_hours * 3600
             await asyncio.sleep(min(SESSION_SWEEP_S, ttl_s / 2) if ttl_s > 0 else SESSION_SWEEP_S)
-            self._sweep_sessions(sessions)
+            await asyncio.to_thread(self._sweep_sessions, sessions)
 
     def _sweep_sessions(self, sessions: SessionStore) -> None:
         """Delete sessions idle longer than server.session_ttl_hours (0: never)."""
@@ -203,20 +268,36 @@ class Daemon:
                 f"serving {handlers.scheduler.admitted} requests")
 
     async def _watchdog(self, scheduler: Scheduler) -> None:
+        """Pings systemd's watchdog while the engine makes progress and is not faulted. Without a watchdog, a
+        faulted engine ends the daemon with status 1 instead (a supervisor's Restart= then brings it back)."""
         interval = watchdog_interval_s()
-        if interval is None:
-            return
         stalled_logged = False
         while True:
-            await asyncio.sleep(interval / 2)
+            await asyncio.sleep(interval / 2 if interval else FAULT_CHECK_S)
             stall = scheduler.stalled_for()
-            if stall > self.config.server.engine_stall_s:
+            fault = scheduler.fault()
+            if stall > self.config.server.engine_stall_s or fault:
+                if interval is None and fault:
+                    log.critical("engine out of service (%s): exiting with status 1", fault)
+                    self._fail()
+                    return
                 if not stalled_logged:
-                    log.error("engine made no progress for %.0f s: withholding watchdog pings", stall)
+                    log.error("%s: withholding watchdog pings", fault or f"engine made no progress for {stall:.0f} s")
                     stalled_logged = True
                 continue
             stalled_logged = False
-            self.notifier.watchdog()
+            if interval:
+                self.notifier.watchdog()
+
+    async def _measure_loop(self, handlers: Handlers) -> None:
+        """How late the event loop wakes up: the worst delay is what every client waited on top of its own work
+        (stats `loop.max_stall_ms`). Blocking work belongs in threads; this shows where it did not go."""
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(LOOP_PROBE_S)
+            late_ms = (loop.time() - before - LOOP_PROBE_S) * 1000
+            handlers.stats.loop_max_stall_ms = max(handlers.stats.loop_max_stall_ms, late_ms)
 
 
 def _check_socket_free(path: Path) -> None:
@@ -240,6 +321,14 @@ def _warm_up(engine, template) -> None:  # type: ignore[no-untyped-def]
 
 
 def serve(config: Config, config_file: str | None = None, overrides: dict[str, object] | None = None) -> int:
-    """Run the daemon until SIGTERM/SIGINT. Raises EdgeLlamaError for start-up failures."""
-    asyncio.run(Daemon(config, config_file, overrides).run())
-    return 0
+    """Run the daemon until SIGTERM/SIGINT; returns the exit status. Raises EdgeLlamaError for start-up failures."""
+    daemon = Daemon(config, config_file, overrides)
+    status = asyncio.run(daemon.run())
+    if daemon.engine_lost:
+        # The engine thread is stuck inside the backend and would block the interpreter's exit (it joins worker
+        # threads): leave now, with everything logged and flushed.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status or 1)
+    return status

@@ -6,6 +6,7 @@ exactly one `done` line.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
@@ -13,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_llama import __version__
+from edge_llama import __version__, jetson
 from edge_llama.config import Config
 from edge_llama.engine.base import GenParams
 from edge_llama.errors import BadRequest, Cancelled, SafetyBlocked
@@ -22,10 +23,12 @@ from edge_llama.prompting.template import ChatTemplate
 from edge_llama.protocol import ChatRequest, InfoRequest, Message, done_event, token_event
 from edge_llama.safety.guard import StreamGuard
 from edge_llama.safety.hooks import SafetyPolicy, Verdict
+from edge_llama.service.metrics import DECODE_BUCKETS_TOK_S, TTFT_BUCKETS_S, Buckets
 from edge_llama.service.scheduler import CancelToken, Outcome, Scheduler
 from edge_llama.service.sessions import SessionStore
 
 log = logging.getLogger("edge_llama.safety")
+INLINE_TOKENIZE_CHARS = 16384  # prompts longer than this are tokenized in a worker thread (~1 ms per 10 KiB)
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -39,12 +42,23 @@ class Stats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     last_timings: dict[str, float] = field(default_factory=dict)
+    loop_max_stall_ms: float = 0.0  # the event loop's worst wake-up delay since start (daemon's loop monitor)
+    # For GET /metrics (service/metrics.py): histograms, HTTP outcomes, safety verdicts, the running turn's KV use.
+    ttft_s: Buckets = field(default_factory=lambda: Buckets(TTFT_BUCKETS_S))
+    decode_tok_s: Buckets = field(default_factory=lambda: Buckets(DECODE_BUCKETS_TOK_S))
+    outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)  # (op, finish reason or error code)
+    verdicts: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # (kind, action, category)
+    kv_in_use: int = 0  # prompt + generated tokens of the engine turn running now
 
     def record(self, prompt_tokens: int, outcome: Outcome, timings: dict[str, float]) -> None:
         self.prompt_tokens += prompt_tokens
         self.completion_tokens += outcome.completion_tokens
         self.finish[outcome.finish] += 1
         self.last_timings = timings
+        if outcome.completion_tokens:
+            self.ttft_s.observe(outcome.ttft_ms / 1000)
+        if outcome.decode_tok_s:
+            self.decode_tok_s.observe(outcome.decode_tok_s)
 
 
 class Handlers:
@@ -58,6 +72,7 @@ class Handlers:
         self.sessions = sessions
         self.stats = Stats()
         self.state = "starting"
+        self.on_jetson = jetson.is_jetson()  # health then reports the power mode and the hottest thermal zone
 
     # --- shared by chat and summarize ----------------------------------------------------------------------
     def reply_budget(self, requested: int | None, default: int) -> int:
@@ -68,8 +83,15 @@ class Handlers:
             raise BadRequest(f"max_tokens {requested} is above this daemon's ceiling of {ceiling}")
         return requested or min(default, self.engine.capacity.kv_tokens // 4)
 
-    def fit(self, messages: list[Message] | tuple[Message, ...], reserve: int) -> FittedPrompt:
-        return fit_prompt(self.template, self.engine.tokenize, messages, reserve, self.engine.capacity.kv_tokens)
+    async def fit(self, messages: list[Message] | tuple[Message, ...], reserve: int) -> FittedPrompt:
+        """The prompt that fits the KV budget. Long conversations are tokenized off the event loop (a 1 MiB
+        message takes ~100 ms); short ones inline, where a thread hop would cost more than the work."""
+        def fit() -> FittedPrompt:
+            return fit_prompt(self.template, self.engine.tokenize, messages, reserve, self.engine.capacity.kv_tokens)
+
+        if sum(len(m.content) for m in messages) > INLINE_TOKENIZE_CHARS:
+            return await asyncio.to_thread(fit)
+        return fit()
 
     async def check_input(self, texts: list[str], request_id: str) -> Verdict:
         """Input hooks: a block answers `safety_blocked` before the model runs."""
@@ -84,6 +106,8 @@ class Handlers:
     def log_verdict(self, verdict: Verdict, kind: str, request_id: str, texts: list[str]) -> None:
         if verdict.action == "allow" and not verdict.error:
             return
+        for category in verdict.categories or ("none",):  # "none": a hook failed and its fail mode applied
+            self.stats.verdicts[kind, verdict.action, category] += 1
         fields = {"REQUEST_ID": request_id, "SAFETY_KIND": kind, "SAFETY_ACTION": verdict.action,
                   "SAFETY_CATEGORIES": ",".join(f"{k}={v:.3f}" for k, v in verdict.categories.items()),
                   "SAFETY_HOOKS": ",".join(verdict.hooks)}
@@ -101,6 +125,7 @@ class Handlers:
         guard = StreamGuard(self.safety) if guarded and self.safety.active else None
 
         async def emit(text: str, tokens: int) -> None:
+            self.stats.kv_in_use += tokens
             if guard is not None:
                 text = await guard.feed(text, tokens)
                 if guard.blocked:
@@ -110,7 +135,11 @@ class Handlers:
 
         async with self.scheduler.turn(cancel):
             queue_ms = (time.monotonic() - received) * 1000
-            outcome = await self.scheduler.generate(prompt.ids, params, cancel, emit)
+            self.stats.kv_in_use = len(prompt.ids)
+            try:
+                outcome = await self.scheduler.generate(prompt.ids, params, cancel, emit)
+            finally:
+                self.stats.kv_in_use = 0
         verdict = Verdict()
         if guard is not None:
             if outcome.finish != "cancelled" or guard.blocked:
@@ -142,7 +171,7 @@ class Handlers:
                                                                   send)
         else:
             async with self.sessions.lock(req.session):
-                history = self.sessions.load(req.session)
+                history = await asyncio.to_thread(self.sessions.load, req.session)
                 new_system = [m for m in req.messages if m.role == "system"]
                 if new_system:  # a system message sent to a session replaces the stored one
                     history = [m for m in history if m.role != "system"]
@@ -153,7 +182,8 @@ class Handlers:
                 # Saved before `done`: a client that saw `done` can rely on it, even after a crash. A turn whose
                 # answer was blocked or cancelled before any text is not kept.
                 if outcome.text and outcome.finish != "safety":
-                    self.sessions.save(req.session, conversation + [Message("assistant", outcome.text)])
+                    await asyncio.to_thread(self.sessions.save, req.session,
+                                            conversation + [Message("assistant", outcome.text)])
         await send(done_event(
             req.id,
             text=None if req.stream else outcome.text,
@@ -172,7 +202,7 @@ class Handlers:
         system_prompt = self.config.generation.system_prompt
         if system_prompt and (not conversation or conversation[0].role != "system"):
             conversation = [Message("system", system_prompt)] + conversation
-        prompt = self.fit(conversation, params.max_tokens)
+        prompt = await self.fit(conversation, params.max_tokens)
 
         async def stream(text: str) -> None:
             await send(token_event(req.id, text))
@@ -193,8 +223,9 @@ class Handlers:
     # --- health / stats ------------------------------------------------------------------------------------
     def info(self, req: InfoRequest) -> dict[str, Any]:
         cap = self.engine.capacity
+        fault = self.scheduler.fault()
         base: dict[str, Any] = {
-            "state": self.state,
+            "state": "faulted" if fault and self.state == "ready" else self.state,
             "version": __version__,
             "protocol": 1,
             "backend": self.engine.name,
@@ -205,11 +236,16 @@ class Handlers:
                       "limit": self.scheduler.max_queue + 1},
             "uptime_s": round(time.monotonic() - self.stats.started, 1),
         }
+        if fault:
+            base["fault"] = fault
+        if self.on_jetson:
+            base.update(jetson.power_and_thermal())
         if req.op == "stats":
             s = self.stats
             base.update(
                 requests=dict(s.requests), errors=dict(s.errors), finish_reasons=dict(s.finish),
                 tokens={"prompt": s.prompt_tokens, "completion": s.completion_tokens},
                 last_timings=s.last_timings, template=self.template.name,
+                loop={"max_stall_ms": round(s.loop_max_stall_ms, 2)},
             )
         return done_event(req.id, **base)

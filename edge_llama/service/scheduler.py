@@ -5,7 +5,11 @@
 - `turn()` waits, first come first served, until the engine is free. A summarization job takes one turn per
   engine call, so chats interleave with a long summary instead of waiting for all of it.
 - `generate()` runs the engine's blocking generator on the single engine thread and hands its chunks to the
-  event loop: the first token at once, then at most one wake-up per server.stream_interval_ms.
+  event loop: the first two tokens at once, then at most one wake-up per server.stream_interval_ms.
+- No engine behaviour hangs a request: a generator that raises or ends without its finish chunk ends the request
+  with `internal`; one that produces nothing for `stall_s` (server.engine_stall_s) loses the engine thread. The
+  scheduler is then faulted: that request and every later one get `unavailable`, `health` says why, and the
+  daemon stops pinging the systemd watchdog (or exits non-zero without one) so the service restarts.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ class Outcome:
 
 class _Bridge:
     """Hands chunks from the engine thread to the event loop, waking the loop at most once per `interval_s`
-    (the first token, the end and errors at once). On a small device every loop wake-up, JSON line and socket
+    (the first two tokens, the end and errors at once). On a small device every loop wake-up, JSON line and socket
     write competes with the engine's own threads for the same cores; 50 updates a second read as smooth."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, interval_s: float) -> None:
@@ -113,9 +117,12 @@ class Admission:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_queue: int, stream_interval_ms: float = 0.0) -> None:
+    def __init__(self, engine: Engine, max_queue: int, stream_interval_ms: float = 0.0, stall_s: float = 60.0
+                 ) -> None:
         self.engine = engine
         self.stream_interval_s = stream_interval_ms / 1000
+        self.stall_s = stall_s
+        self.lost: str | None = None  # why the engine thread is lost (stuck in a call that will not return)
         self.max_queue = max_queue
         self.accepting = True
         self.admitted = 0  # requests admitted and not finished (running or waiting)
@@ -187,6 +194,15 @@ class Scheduler:
         """Seconds the engine has been inside a call without producing anything (0 when idle)."""
         return time.monotonic() - self._progress_at if self._engine_calls else 0.0
 
+    def fault(self) -> str | None:
+        """Why the engine cannot serve any more (its thread is lost, or the backend says so), else None."""
+        return self.lost or self.engine.fault()
+
+    def _check_usable(self) -> None:
+        fault = self.fault()
+        if fault:
+            raise Unavailable(f"the engine is out of service: {fault}")
+
     def _tracked(self, fn: Callable[..., T], *args: Any) -> T:
         """Engine thread: run `fn`, recording that the engine is busy and when it last made progress."""
         self._engine_calls += 1
@@ -199,6 +215,7 @@ class Scheduler:
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking engine call (load, warm-up, tokenizing a long text) on the engine thread."""
+        self._check_usable()
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._tracked, fn, *args)
 
     async def generate(
@@ -216,6 +233,7 @@ class Scheduler:
 
         def produce() -> None:
             tokens = 0
+            finished = False
             try:
                 for chunk in self.engine.generate(prompt_ids, params, cancel.flag):
                     self._progress_at = time.monotonic()
@@ -224,22 +242,32 @@ class Scheduler:
                         tokens += 1
                         if tokens == 1:
                             clock["first"] = clock["last"]
-                    urgent = tokens <= 1 or chunk.finish is not None
+                    finished = chunk.finish is not None
+                    # The second token too: the safety guard holds the first word until the next token shows it
+                    # complete, so with the guard on the first text goes out with the second token (~10 ms later).
+                    urgent = tokens <= 2 or finished
                     bridge.put(chunk, urgent=urgent)
                     if urgent:
                         # Hand this core to the event loop the put just woke: otherwise the first token waits
                         # (3-8 ms measured on 2 cores) while llama.cpp's threads already decode the next one.
                         os.sched_yield()
+                if not finished:  # a backend bug: without this the request would wait forever
+                    raise InternalError(f"the {self.engine.name} engine's stream ended without a finish reason")
             except BaseException as exc:  # handed to the loop, raised there
                 bridge.put(exc, urgent=True)
 
+        self._check_usable()
         pieces: list[str] = []
         tokens = 0
         finish: str | None = None
         future = loop.run_in_executor(self._executor, self._tracked, produce)
         try:
             while finish is None:
-                batch = await bridge.take()
+                try:
+                    batch = await asyncio.wait_for(bridge.take(), timeout=self.stall_s)
+                except asyncio.TimeoutError:
+                    self.lost = f"a generation made no progress for {self.stall_s:g} s (server.engine_stall_s)"
+                    raise Unavailable(f"the engine is out of service: {self.lost}") from None
                 text = []
                 before = tokens
                 for item in batch:
@@ -259,13 +287,15 @@ class Scheduler:
             if finish is None:  # the consumer failed or was cancelled: stop the engine within one token
                 cancel.cancel(Cancelled("generation abandoned"))
             # The engine thread must be idle before the turn passes on; shield so a second cancel cannot
-            # abandon the wait.
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(future)
+            # abandon the wait. A lost engine thread is not waited for: the next turn is refused anyway.
+            if self.lost is None:
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(future)
         first, last = clock["first"], clock["last"]
         ttft_ms = (first - clock["start"]) * 1000 if tokens else 0.0
         decode = (tokens - 1) / (last - first) if tokens > 1 and last > first else 0.0
         return Outcome("".join(pieces), finish, tokens, round(ttft_ms, 2), round(decode, 2))
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        # A lost engine thread never returns: joining it would hang the shutdown (serve() then exits at once).
+        self._executor.shutdown(wait=self.lost is None, cancel_futures=True)

@@ -2,7 +2,8 @@
 
 A connection carries any number of requests; each chat/summarize runs as its own task and replies in order for
 its id. A bad line gets an `error` and the connection stays usable. Closing the connection cancels its requests
-(the engine stops within one token).
+(the engine stops within one token). A connection that starts with an HTTP method is handed to service/http.py
+instead (one socket, two protocols).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import socket
 import stat
 import sys
@@ -51,6 +53,10 @@ log = logging.getLogger("edge_llama.server")
 READ_CHUNK = 64 * 1024
 WRITE_HIGH_WATER = 256 * 1024  # bytes buffered for a slow reader before a stream waits for it
 REFUSE_WAIT_S = 2.0  # how long a refused peer may take to send its first request line
+SNIFF_BLANK_BYTES = 1024  # blank bytes (protocol v1 skips empty lines) looked past for a request's first byte
+SNIFF_DEADLINE_S = 10.0  # from a request's first byte, how long the bytes that tell its protocol may take
+HTTP_METHOD = re.compile(rb"[A-Z]{1,16} ")  # an HTTP request starts with its method (GET, POST...) and a space
+DRAIN_AFTER_CANCEL_S = 5.0  # shutdown: how long cancelled requests and their connections get to end
 
 
 def bind_unix_socket(path: Path, mode: int) -> socket.socket:
@@ -88,6 +94,54 @@ def bind_unix_socket(path: Path, mode: int) -> socket.socket:
         raise SocketInUse(f"cannot listen on {path}: {exc.strerror}") from exc
     sock.setblocking(False)
     return sock
+
+
+async def sniff(reader: asyncio.StreamReader, timeout: float | None) -> bytes:
+    """Read a new connection's first bytes until they tell its protocol (see `protocol_known`). The first byte is
+    waited for `timeout` s (None: for ever: an interactive `edge-llama chat` connects long before its first
+    request); the rest for at most SNIFF_DEADLINE_S. Returns what was read (all of it, on a timeout or EOF)."""
+    loop = asyncio.get_running_loop()
+    head = b""
+    deadline: float | None = None
+    with contextlib.suppress(asyncio.TimeoutError):
+        while not protocol_known(head):
+            data = await asyncio.wait_for(reader.read(READ_CHUNK),
+                                          timeout if deadline is None else max(0.0, deadline - loop.time()))
+            if not data:
+                break
+            head += data
+            if deadline is None and head.strip():
+                deadline = loop.time() + SNIFF_DEADLINE_S
+    return head
+
+
+def protocol_known(head: bytes) -> bool:
+    """Protocol v1 lines start with `{`; HTTP with a method: up to 16 uppercase letters and a space. Known once a
+    byte other than an uppercase letter is there (or more letters than a method has)."""
+    body = head.lstrip()
+    if not body:
+        return len(head) > SNIFF_BLANK_BYTES
+    letters = len(body) - len(body.lstrip(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
+    return letters < len(body) or letters > 16
+
+
+def speaks_http(head: bytes) -> bool:
+    return HTTP_METHOD.match(head.lstrip()) is not None
+
+
+class Replay:
+    """A connection's reader with the bytes `sniff` took put back in front (Connection only calls read())."""
+
+    def __init__(self, head: bytes, reader: asyncio.StreamReader) -> None:
+        self._head = head
+        self._reader = reader
+
+    async def read(self, n: int = -1) -> bytes:
+        if not self._head:
+            return await self._reader.read(n)
+        cut = len(self._head) if n < 0 else n
+        out, self._head = self._head[:cut], self._head[cut:]
+        return out
 
 
 class Connection:
@@ -172,9 +226,9 @@ class Connection:
             await self.send(done_event(req.id, target=req.target, found=job is not None))
         elif req.id in self.jobs:
             await self.reply_error(req.id, BadRequest(f"id {req.id!r} is already in use on this connection"))
-        elif isinstance(req, ForgetRequest):  # a task: it may wait for a chat on that session to finish
-            self.jobs[req.id] = (asyncio.create_task(self.forget(req)), CancelToken())
         else:
+            # Every job that can wait (on the engine, or on a session's running chat for `forget`) takes a place
+            # in the bounded work set: a flood of them gets `busy`, never unbounded tasks.
             try:
                 admission = self.server.handlers.scheduler.admit()
             except EdgeLlamaError as exc:
@@ -185,13 +239,16 @@ class Connection:
             self.jobs[req.id] = (task, cancel)
             self.server.cancels.add(cancel)
 
-    async def run_job(self, req: ChatRequest | SummarizeRequest, cancel: CancelToken, admission: Any) -> None:
+    async def run_job(self, req: ChatRequest | SummarizeRequest | ForgetRequest, cancel: CancelToken,
+                      admission: Any) -> None:
         received = time.monotonic()
         try:
             if isinstance(req, ChatRequest):
                 await self.server.handlers.chat(req, cancel, received, self.send)
-            else:
+            elif isinstance(req, SummarizeRequest):
                 await summarize(self.server.handlers, req, cancel, received, self.send)
+            else:
+                await self.forget(req)
         except EdgeLlamaError as exc:
             self.log.info("%s %s: %s", req.op, req.id, exc.code,
                           extra={"REQUEST_ID": req.id, "OP": req.op, "ERROR_CODE": exc.code})
@@ -210,11 +267,8 @@ class Connection:
             self.server.cancels.discard(cancel)
 
     async def forget(self, req: ForgetRequest) -> None:
-        try:
-            found = await self.server.handlers.sessions.forget(req.session)
-            await self.send(done_event(req.id, session=req.session, found=found))
-        finally:
-            self.jobs.pop(req.id, None)
+        found = await self.server.handlers.sessions.forget(req.session)
+        await self.send(done_event(req.id, session=req.session, found=found))
 
     async def reply_error(self, request_id: str | None, exc: EdgeLlamaError) -> None:
         self.server.handlers.stats.errors[exc.code] += 1
@@ -243,14 +297,24 @@ class Server:
         self.connections.add(task)
         try:
             peer = peer_of(writer.get_extra_info("socket"))
-            conn = Connection(self, reader, writer, peer)
-            if self.policy is not None and not self.policy.allows(peer):
-                conn.log.warning("refused uid %d gid %d (allowed: %s)", peer.uid, peer.gid, self.policy.describe())
-                await self._refuse(conn, peer)
-                return
+            policy = self.policy
+            allowed = policy is None or policy.allows(peer)
             with contextlib.suppress(asyncio.CancelledError):  # drain() cancels what outlives shutdown
-                await conn.serve()
+                # One socket, two protocols: the first request byte tells them apart (see docs/http.md).
+                head = await sniff(reader, None if allowed else REFUSE_WAIT_S)
+                conn = Connection(self, Replay(head, reader), writer, peer)
+                if policy is not None and not allowed:
+                    conn.log.warning("refused uid %d gid %d (allowed: %s)", peer.uid, peer.gid, policy.describe())
+                if speaks_http(head):
+                    from edge_llama.service.http import HttpConnection  # h11 is loaded by the first HTTP client
+
+                    await HttpConnection(self, reader, writer, peer, conn.log).serve(head.lstrip(), allowed)
+                elif allowed:
+                    await conn.serve()
+                else:
+                    await self._refuse(conn, peer)
         finally:
+            writer.close()  # a connection cancelled before it said anything has no other owner to close it
             self.connections.discard(task)
 
     async def _refuse(self, conn: Connection, peer: Peer) -> None:
@@ -301,8 +365,14 @@ class Server:
             log.warning("shutdown: cancelling %d request(s) still running after %.1f s%s", sched.admitted,
                         time.monotonic() - started, " (second signal)" if cancel_now.is_set() else "")
             self.cancel_all(Unavailable("the daemon is shutting down"))
-        while sched.admitted:
+        # Cancelled requests end within a token; an engine that is lost never ends its call. Bounded either way.
+        deadline = time.monotonic() + DRAIN_AFTER_CANCEL_S
+        while sched.admitted and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+        if sched.admitted:
+            log.error("shutdown: %d request(s) did not end within %.0f s of being cancelled; closing their "
+                      "connections", sched.admitted, DRAIN_AFTER_CANCEL_S)
         for task in list(self.connections):
             task.cancel()
-        await asyncio.gather(*self.connections, return_exceptions=True)
+        if self.connections:
+            await asyncio.wait(list(self.connections), timeout=DRAIN_AFTER_CANCEL_S)

@@ -1,7 +1,8 @@
 """Conversations kept by the daemon, one JSON file per session under <state_dir>/sessions/.
 
 Writes are atomic (temp file, fsync, rename, fsync of the directory) so a session survives a daemon restart and
-a SIGKILL at any moment: a reader sees either the old or the new conversation, never half of one.
+a SIGKILL at any moment: a reader sees either the old or the new conversation, never half of one. `load` and
+`save` block on the disk (fsync can take tens of ms on an SD card): the daemon calls them in a worker thread.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import tempfile
 import time
@@ -18,6 +20,7 @@ from pathlib import Path
 from edge_llama.errors import InternalError
 from edge_llama.protocol import ROLES, Message
 
+log = logging.getLogger("edge_llama.sessions")
 SCHEMA = 1
 TEMP_FILE_AGE_S = 600  # a temp file older than this is a leftover (another daemon may share the dir)
 
@@ -50,16 +53,41 @@ class SessionStore:
         return self.root / f"{session}.json"  # `session` was validated by the protocol: no '/' or leading '.'
 
     def load(self, session: str) -> list[Message]:
+        """The stored conversation ([] for a new session). A file that cannot be read as one is moved aside to
+        `<session>.json.corrupt` (kept for the operator, never read again) and the error says so: the client's
+        next request starts a fresh conversation instead of failing forever."""
+        path = self._path(session)
         try:
-            data = json.loads(self._path(session).read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8"))
+            messages = [Message(m["role"], m["content"]) for m in data["messages"]]
+            if not all(m.role in ROLES and isinstance(m.content, str) for m in messages):
+                raise ValueError("a message has an unknown role or a non-text content")
+            return messages
         except FileNotFoundError:
             return []
-        except (OSError, ValueError) as exc:
-            raise InternalError(f"session '{session}' cannot be read: {exc}") from exc
-        return [Message(m["role"], m["content"]) for m in data.get("messages", []) if m.get("role") in ROLES]
+        except (ValueError, KeyError, TypeError) as exc:  # not JSON, or not a conversation
+            aside = path.with_name(path.name + ".corrupt")
+            try:
+                os.replace(path, aside)
+            except OSError as move:
+                raise InternalError(f"session '{session}' is unreadable ({exc}) and could not be set aside "
+                                    f"({move.strerror}): ask the operator to remove {path}") from exc
+            raise InternalError(f"session '{session}' was unreadable ({type(exc).__name__}: {exc}); its history was "
+                                f"set aside as {aside.name} and your next request starts a new conversation") from exc
+        except OSError as exc:
+            raise InternalError(f"session '{session}' cannot be read: {exc.strerror}") from exc
 
     def save(self, session: str, messages: list[Message]) -> None:
-        messages = self._bounded(messages)
+        """A disk that is full or not writable is an error naming the session and the reason, not a traceback (a
+        write that fails before the rename leaves the stored conversation as it was)."""
+        try:
+            self._write(session, self._bounded(messages))
+        except OSError as exc:
+            log.warning("session '%s' could not be saved: %s", session, exc.strerror or exc)
+            raise InternalError(f"session '{session}' could not be saved ({exc.strerror or exc}); this answer may "
+                                "be missing from it") from exc
+
+    def _write(self, session: str, messages: list[Message]) -> None:
         payload = json.dumps({"schema": SCHEMA, "messages": [m.as_dict() for m in messages]}, ensure_ascii=False)
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{session}.", suffix=".tmp")
         try:
@@ -87,7 +115,7 @@ class SessionStore:
             try:
                 age = now - path.stat().st_mtime
                 if path.name.startswith(".") and path.suffix == ".tmp":  # ".<session>.<random>.tmp" of a kill
-                    if age > TEMP_FILE_AGE_S:  # saves run on the event loop: none of ours is half-way now
+                    if age > TEMP_FILE_AGE_S:  # a save in progress is seconds old, not ten minutes
                         path.unlink()
                 elif path.suffix == ".json" and age > max_age_s and path.stem not in self._locks:
                     path.unlink()
@@ -100,9 +128,11 @@ class SessionStore:
         """Delete the stored conversation once requests on it are done; False when there was none."""
         async with self.lock(session):
             try:
-                self._path(session).unlink()
+                await asyncio.to_thread(self._path(session).unlink)
             except FileNotFoundError:
                 return False
+            except OSError as exc:
+                raise InternalError(f"session '{session}' could not be deleted: {exc.strerror}") from exc
             return True
 
     def _bounded(self, messages: list[Message]) -> list[Message]:

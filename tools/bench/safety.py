@@ -3,9 +3,12 @@
   streaming guard runs it) and its input check (both classifiers) on a 256-character text, p50 and p99;
 - guard_ratio: end-to-end generation speed through the real daemon (llama.cpp, embedded model) with the streaming
   guard on / off, same prompts, greedy, alternating between two daemons. Speed = completion tokens / time from
-  sending the request to `done`, measured by the client; decode tok/s as reported by the daemon is also given.
+  sending the request to `done`, measured by the client; decode tok/s as reported by the daemon is also given;
+- first-text latency (ttft): time from sending the request to the first `token` event, client side, p50 over the
+  same prompts, guard on / off (the daemons differ only in `safety.enabled`); ttft_added_ms = on - off.
 
-Last line: one JSON object with check_p50_ms and guard_ratio. Targets: check_p50_ms <= 0.2, guard_ratio >= 0.97.
+Last line: one JSON object with check_p50_ms, guard_ratio and ttft_added_ms. Targets: check_p50_ms <= 0.2,
+guard_ratio >= 0.97, ttft_added_ms <= 15.
 
     .venv/bin/python tools/bench/safety.py [--prompts 8] [--max-tokens 128]
 """
@@ -93,25 +96,28 @@ def main() -> int:
                 time.sleep(0.3)
                 row[name] = run(clients[name], text, args.max_tokens)
             rows.append(row)
-            print(f"prompt {i}: guard on {row['on']['e2e_tok_s']:.1f} tok/s ({row['on']['finish']}), "
-                  f"off {row['off']['e2e_tok_s']:.1f} tok/s", file=sys.stderr)
+            print(f"prompt {i}: guard on {row['on']['e2e_tok_s']:.1f} tok/s ({row['on']['finish']}), first text "
+                  f"{row['on']['first_text_ms']:.1f} ms; off {row['off']['e2e_tok_s']:.1f} tok/s, first text "
+                  f"{row['off']['first_text_ms']:.1f} ms", file=sys.stderr)
     finally:
         for d in daemons.values():
             d.stop()
     on = statistics.median(r["on"]["e2e_tok_s"] for r in rows)
     off = statistics.median(r["off"]["e2e_tok_s"] for r in rows)
+    ttft_on = statistics.median(r["on"]["first_text_ms"] for r in rows)
+    ttft_off = statistics.median(r["off"]["first_text_ms"] for r in rows)
     print(json.dumps({
         "check_p50_ms": round(out_p50, 4), "check_p99_ms": round(out_p99, 4),
         "input_check_p50_ms": round(in_p50, 4), "input_check_p99_ms": round(in_p99, 4),
         "guard_ratio": round(on / off, 4), "guard_on_tok_s": round(on, 1), "guard_off_tok_s": round(off, 1),
         "decode_tok_s_on": round(statistics.median(r["on"]["decode_tok_s"] for r in rows), 1),
         "decode_tok_s_off": round(statistics.median(r["off"]["decode_tok_s"] for r in rows), 1),
-        # The guard holds text back by design: the first text arrives one window (+ 4 words) later.
-        "first_text_ms_on": round(statistics.median(r["on"]["first_text_ms"] for r in rows), 1),
-        "first_text_ms_off": round(statistics.median(r["off"]["first_text_ms"] for r in rows), 1),
+        # The guard holds the first word until the next token shows it complete: one decode step, no window.
+        "ttft_guard_on_ms": round(ttft_on, 1), "ttft_guard_off_ms": round(ttft_off, 1),
+        "ttft_added_ms": round(ttft_on - ttft_off, 1),
         "same_token_counts": all(r["on"]["tokens"] == r["off"]["tokens"] for r in rows),
         "prompts": len(rows), "max_tokens": args.max_tokens, "text_chars": len(TEXT),
-        "targets": {"check_p50_ms": 0.2, "guard_ratio": 0.97},
+        "targets": {"check_p50_ms": 0.2, "guard_ratio": 0.97, "ttft_added_ms": 15},
     }))
     return 0
 
