@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -17,6 +18,8 @@ VERSION = 1
 ROLES = ("system", "user", "assistant")
 MAX_ID_CHARS = 128
 MAX_SESSION_CHARS = 64
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # JSON's way to write half of a UTF-16 surrogate pair
+SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,15 @@ def parse_request(line: bytes, max_messages: int) -> Request:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise RequestError(BadJson(f"request is not valid JSON: {exc.msg} at column {exc.colno}"), None) from None
+    # Valid JSON that Python's reader refuses: without these the connection died with a traceback.
+    except RecursionError:
+        raise RequestError(BadJson("request is nested too deeply (about 1000 levels)"), None) from None
+    except ValueError:  # an integer past Python's conversion limit (4300 digits)
+        raise RequestError(BadJson("request has a number with too many digits"), None) from None
+    # "\ud800" alone is valid JSON but not a character: it can be neither tokenized, stored nor echoed as UTF-8.
+    if SURROGATE_ESCAPE.search(line) and _has_lone_surrogate(obj):
+        raise RequestError(BadJson("request has a \\u escape of half a surrogate pair, which is not a character"),
+                           None)
     if not isinstance(obj, dict):
         raise RequestError(BadRequest("a request must be a JSON object"), None)
     raw_id = obj.get("id")
@@ -107,6 +119,22 @@ def parse_request(line: bytes, max_messages: int) -> Request:
         return _parse_object(obj, max_messages)
     except EdgeLlamaError as exc:
         raise RequestError(exc, request_id) from None
+
+
+def _has_lone_surrogate(obj: Any) -> bool:
+    """Any string (key or value) holding half of a surrogate pair; iterative, as the object may nest ~1000 deep."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _parse_object(obj: dict[str, Any], max_messages: int) -> Request:

@@ -98,6 +98,14 @@ class Engine(ABC):
     @abstractmethod
     def detokenize(self, ids: Sequence[int]) -> str: ...
 
+    def count_tokens(self, text: str) -> int:
+        """How many tokens `text` is as plain text (summaries count every piece of a long document)."""
+        return len(self.tokenize(text, special=False))
+
+    # Set by backends during long work that yields no token (prompt evaluation), read by the scheduler's stall
+    # detection: a long prompt is progress, not a wedged engine.
+    progress_at: float = 0.0
+
     def next_token_probs(self, prompt_ids: Sequence[int], candidates: Sequence[int]) -> list[float]:
         """Probability of each candidate as the next token after the prompt (for classifier-style models such as
         Llama Guard). Backends that cannot give it raise NotImplementedError."""

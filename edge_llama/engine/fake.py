@@ -85,6 +85,7 @@ class FakeEngine(Engine):
                 return
             if self._script.prompt_delay_ms:
                 time.sleep(self._script.prompt_delay_ms / 1000)
+                self.progress_at = time.monotonic()
         if self._script.fail_on and self._script.fail_on in prompt:
             raise InternalError(f"fake engine failure (prompt contains {self._script.fail_on!r})")
         assembler = Utf8Assembler()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,15 @@ class LlamaCppEngine(Engine):
     def tokenize(self, text: str, special: bool = True) -> list[int]:
         return self._loaded().tokenize(text.encode("utf-8"), add_bos=False, special=special)
 
+    def count_tokens(self, text: str) -> int:
+        """llama_tokenize with no buffer returns minus the count: the work stays in C, with the GIL released,
+        instead of building a Python list of ~200k ints for a 1 MiB document (~100 ms with the GIL held)."""
+        import llama_cpp
+
+        data = text.encode("utf-8")
+        count = llama_cpp.llama_tokenize(self._loaded()._model.vocab, data, len(data), None, 0, False, False)
+        return -count if count < 0 else count
+
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._loaded().detokenize(list(ids)).decode("utf-8", errors="replace")
 
@@ -170,6 +180,7 @@ class LlamaCppEngine(Engine):
                 yield Chunk("", "cancelled")
                 return
             llm.eval(prompt[start : min(start + batch, len(prompt) - 1)])
+            self.progress_at = time.monotonic()
         if cancel.is_set():
             yield Chunk("", "cancelled")
             return

@@ -29,6 +29,8 @@ from edge_llama.engine.base import Chunk, Engine, GenParams
 from edge_llama.errors import Busy, Cancelled, EdgeLlamaError, InternalError, Unavailable
 
 T = TypeVar("T")
+STALL_CHECK_S = 1.0  # while a generation waits for its next chunk, how often the engine's liveness is looked at
+RETRY_FLOOR_MS = 100  # the shortest retry hint given to a `busy` client
 
 
 @dataclass
@@ -108,12 +110,11 @@ class Admission:
     def __init__(self, scheduler: Scheduler) -> None:
         self._scheduler = scheduler
         self._released = False
-        self.started = time.monotonic()
 
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._scheduler._finished(time.monotonic() - self.started)
+            self._scheduler._finished()
 
 
 class Scheduler:
@@ -129,7 +130,10 @@ class Scheduler:
         self.running = 0  # engine turns in progress (0 or 1)
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-        self._avg_request_s = 1.0  # exponential moving average, for retry_after_ms
+        # How often a place frees up while every place is taken (an exponential moving average, s): the wait a
+        # refused client is told (retry_after_ms). Whole request times would overstate it by the queue's length.
+        self._free_every_s = 0.5
+        self._last_release = time.monotonic()
         self._engine_calls = 0  # engine calls in progress on the engine thread (0 or 1)
         self._progress_at = time.monotonic()  # last sign of life from the engine thread
 
@@ -138,17 +142,19 @@ class Scheduler:
         if not self.accepting:
             raise Unavailable("the daemon is shutting down")
         if self.admitted >= self.max_queue + 1:
-            retry_ms = int(1000 * self._avg_request_s * max(1, self.admitted - 1))
             raise Busy(
                 f"{self.admitted} requests are running or queued (limit {self.max_queue + 1}); retry later",
-                retry_after_ms=max(100, retry_ms),
+                retry_after_ms=max(RETRY_FLOOR_MS, int(1000 * self._free_every_s)),
             )
         self.admitted += 1
         return Admission(self)
 
-    def _finished(self, seconds: float) -> None:
+    def _finished(self) -> None:
+        now = time.monotonic()
+        if self.admitted >= self.max_queue + 1:  # it was full: this is how long a refused client had to wait
+            self._free_every_s = 0.8 * self._free_every_s + 0.2 * (now - self._last_release)
+        self._last_release = now
         self.admitted -= 1
-        self._avg_request_s = 0.8 * self._avg_request_s + 0.2 * seconds
 
     @property
     def waiting(self) -> int:
@@ -191,8 +197,11 @@ class Scheduler:
         self.running = 0
 
     def stalled_for(self) -> float:
-        """Seconds the engine has been inside a call without producing anything (0 when idle)."""
-        return time.monotonic() - self._progress_at if self._engine_calls else 0.0
+        """Seconds the engine has been inside a call without producing anything (0 when idle). Prompt evaluation
+        counts as progress (the backend stamps engine.progress_at per batch): a long prompt is not a stall."""
+        if not self._engine_calls:
+            return 0.0
+        return time.monotonic() - max(self._progress_at, self.engine.progress_at)
 
     def fault(self) -> str | None:
         """Why the engine cannot serve any more (its thread is lost, or the backend says so), else None."""
@@ -264,8 +273,10 @@ class Scheduler:
         try:
             while finish is None:
                 try:
-                    batch = await asyncio.wait_for(bridge.take(), timeout=self.stall_s)
+                    batch = await asyncio.wait_for(bridge.take(), timeout=min(self.stall_s, STALL_CHECK_S))
                 except asyncio.TimeoutError:
+                    if self.stalled_for() <= self.stall_s:
+                        continue  # evaluating a long prompt, or slow tokens: alive
                     self.lost = f"a generation made no progress for {self.stall_s:g} s (server.engine_stall_s)"
                     raise Unavailable(f"the engine is out of service: {self.lost}") from None
                 text = []

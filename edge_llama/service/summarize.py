@@ -102,7 +102,7 @@ class Summarizer:
         self.limit = kv - max(self.step_tokens, self.final_tokens) - overhead - SAFETY_TOKENS  # tokens of text
 
     def count(self, text: str) -> int:
-        return len(self.h.engine.tokenize(text, special=False))  # contents are plain text in prompts
+        return self.h.engine.count_tokens(text)  # contents are plain text in prompts
 
     async def run(self) -> None:
         h, text = self.h, self.req.text
