@@ -21,7 +21,10 @@ lint: setup
 
 bench: setup
 	@$(PY) tools/bench/overhead.py
+	@$(PY) tools/bench/http_overhead.py
 	@$(PY) tools/bench/safety.py
+	@$(PY) tools/bench/reliability.py
+	@HF_HUB_OFFLINE=1 $(PY) tools/bench/voice.py
 	@$(PY) tools/bench/awq_quality.py
 
 clean:
