@@ -1,6 +1,7 @@
 """The streaming guard: generated text reaches the client as soon as checks show it is far from any block.
 
-A check runs each time a token completes a word (whitespace follows it), on the text held since the last release
+A check runs each time a token completes a word (whitespace follows it; once EAGER_CHARS are out, every EVERY_WORDS
+words), on the text held since the last release
 up to its last whitespace (the candidate), together with the last `context_chars` of released text. Then:
 - a block: nothing more is released and the generation is stopped;
 - far from every block threshold: the candidate goes out at once, so the first words reach the reader one token
@@ -28,6 +29,10 @@ from edge_llama.safety.hooks import SafetyPolicy, Verdict
 RELEASE_BELOW = 0.5
 KEEP_WORDS = 4  # words still held when a window near a threshold goes out; the longest run scored per word
 KEEP_CHARS = 48  # at most this many characters held back at the end (text without spaces: code, CJK)
+# Once this much text is out the reader is busy reading: words are then checked EVERY_WORDS at a time (a check at
+# every word cost ~5% of decode speed on 2 cores, where the event loop shares the cores with llama.cpp's threads).
+EAGER_CHARS = 160
+EVERY_WORDS = 4
 _LAST_WORD = re.compile(r"\S*\Z")
 _CUT_WORD = re.compile(r"\A\S+(?=\s)")
 
@@ -61,6 +66,7 @@ class StreamGuard:
         self._held_tokens = 0  # tokens generated since the last release
         self._checked = 0  # held[:_checked] was checked and is held: checked again only with more words
         self._near_end = 0  # held[:_near_end] ends with a word that scored near a threshold (0: none is held)
+        self._released_chars = 0
         self.verdict = Verdict()
 
     @property
@@ -76,6 +82,9 @@ class StreamGuard:
         cut = complete_part(self._held)
         if cut <= self._checked:
             return ""  # no word was completed: a check would see the same text
+        if (self._released_chars >= EAGER_CHARS and not self._window_full()
+                and len(self._held[self._checked:cut].split()) < EVERY_WORDS):
+            return ""
         # A slow hook (a model on an engine, milliseconds or more) checked at every word would compete with
         # decoding for the same cores: it checks once per window and releases by the window rule.
         if self.policy.slow and not self._window_full():
@@ -120,6 +129,7 @@ class StreamGuard:
         self._near_end = max(0, self._near_end - cut)
         if text:
             self.released.append(text)
+            self._released_chars += len(text)
             context = self._tail + text
             self._tail = context[-self.context_chars:]
             if len(context) > self.context_chars and not context[-self.context_chars - 1].isspace():
