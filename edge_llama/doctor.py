@@ -26,6 +26,7 @@ from typing import Any
 from edge_llama import jetson
 from edge_llama.config import Config, default_socket_path, load_config, socket_path, with_overrides
 from edge_llama.errors import Busy, ConfigError, EdgeLlamaError, Forbidden, Unavailable
+from edge_llama.pipeline.plan import load_plan
 
 GIB = 1 << 30
 DEFAULT_CONFIG = "/etc/edge-llama/config.yaml"
@@ -41,18 +42,6 @@ class Check:
     detail: str
     fix: str | None = None
     data: dict[str, Any] = field(default_factory=dict)
-
-
-def load_plan(path: str) -> dict[str, Any]:
-    try:
-        plan = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(f"--plan {path}: {exc.strerror} (make one: edge-llama plan --json > plan.json)") from None
-    except ValueError as exc:
-        raise ConfigError(f"--plan {path}: not valid JSON ({exc})") from None
-    if not isinstance(plan, dict) or plan.get("schema") != 1 or "resident_bytes" not in plan:
-        raise ConfigError(f"--plan {path} is not an `edge-llama plan --json` output")
-    return plan
 
 
 def gib(n: float) -> str:

@@ -9,7 +9,6 @@ device; without TensorRT-LLM it stops with one clear error saying so.
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import shutil
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from typing import Any
 from edge_llama import __version__
 from edge_llama.errors import ConfigError, EdgeLlamaError, ModelError
 from edge_llama.manifest import MANIFEST, file_entries, sha256_file, verify_manifest, write_manifest
+from edge_llama.pipeline.plan import load_plan
 from edge_llama.pipeline.quantize import TOKENIZER_FILES
 
 
@@ -32,18 +32,6 @@ def find_trtllm_build() -> str:
             "tied to its GPU, TensorRT version and JetPack). On the device: install the TensorRT-LLM "
             "0.12.0-jetson wheel in the venv, then run `edge-llama build` there (README: Jetson deployment)")
     return exe
-
-
-def load_plan(path: Path) -> dict[str, Any]:
-    try:
-        plan = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"--plan {path}: no such file (make one with `edge-llama plan --json > plan.json`)") from None
-    except ValueError as exc:
-        raise ConfigError(f"--plan {path}: not valid JSON ({exc})") from None
-    if not isinstance(plan, dict) or plan.get("schema") != 1 or "trtllm_build_flags" not in plan:
-        raise ConfigError(f"--plan {path} is not an `edge-llama plan --json` output")
-    return plan
 
 
 def build_command(exe: str, checkpoint: Path, out: Path, plan: dict[str, Any]) -> list[str]:

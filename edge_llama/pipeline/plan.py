@@ -264,3 +264,18 @@ def format_plan(p: dict[str, Any]) -> str:
     lines += ["  config: " + ", ".join(f"{k}: {'null' if v is None else v}" for k, v in p["backend"]["config"].items())]
     lines += [f"warning: {w}" for w in p["warnings"]]
     return "\n".join(lines)
+
+
+def load_plan(path: str | Path) -> dict[str, Any]:
+    """A plan saved by `edge-llama plan --json` (for `edge-llama build` and `edge-llama doctor --plan`)."""
+    try:
+        plan = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"--plan {path}: {exc.strerror} (make one with `edge-llama plan --json > plan.json`)"
+                          ) from None
+    except ValueError as exc:
+        raise ConfigError(f"--plan {path}: not valid JSON ({exc})") from None
+    if (not isinstance(plan, dict) or plan.get("schema") != 1
+            or not {"trtllm_build_flags", "resident_bytes"} <= set(plan)):
+        raise ConfigError(f"--plan {path} is not an `edge-llama plan --json` output")
+    return plan

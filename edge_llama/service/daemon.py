@@ -188,6 +188,8 @@ class Daemon:
             if task.cancelled():
                 return
             error = task.exception()
+            if error is None and self._exit:
+                return  # it ended the daemon on purpose (the watchdog on a faulted engine)
             log.critical("background task '%s' ended%s: exiting so that the service restarts", name,
                          f" with {type(error).__name__}: {error}" if error else "", exc_info=error)
             self._fail()
