@@ -409,16 +409,20 @@ def test_l4t_from_dpkg_alone_and_the_thor_profile(workdir: Path) -> None:
 
 
 def test_unit_missing_a_node_cuda_needs_on_thor(workdir: Path) -> None:
-    """Thor (L4T r38) has the OpenRM nodes; the package's unit allows nvidia0 and nvidiactl but not nvidia-uvm."""
+    """Thor (L4T r38) has the OpenRM nodes: the package's unit allows what CUDA opens there; an installed unit
+    without /dev/nvidia-uvm is caught."""
     root = workdir / "thor"
     for node in ("nvidia0", "nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvmap"):
         write(root, f"dev/{node}", "")
     unit = jetson.read_unit(root, "edge-llama.service")  # not installed under root: the checkout's copy
     assert unit is not None and not unit.installed
     access = jetson.gpu_access(root, unit)
-    assert access.restricted and access.missing == ["/dev/nvidia-uvm"]
-    assert access.not_allowed == ["/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"]
+    assert access.restricted and access.missing == [] and access.not_allowed == ["/dev/nvidia-uvm-tools"]
     assert "/dev/nvgpu/igpu0/ctrl" in access.absent
+    text = (REPO / "systemd" / "edge-llama.service").read_text().replace("DeviceAllow=/dev/nvidia-uvm rw\n", "")
+    write(root, "etc/systemd/system/edge-llama.service", text)
+    access = jetson.gpu_access(root, jetson.read_unit(root, "edge-llama.service"))
+    assert access.missing == ["/dev/nvidia-uvm"]
 
 
 def test_table_fits_a_terminal() -> None:
