@@ -250,13 +250,19 @@ def test_shared_queue_raises_for_a_foreign_response(standin, engine: Path) -> No
             pass
 
 
-def test_cancel_final_ends_the_stream(standin, engine: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setenv("EDGE_LLAMA_STANDIN_REPLY_TOKENS", "50")
+def cancelled_after_first_output(standin, engine: Path):  # type: ignore[no-untyped-def]
+    """A streaming request (60 tokens asked) cancelled on the executor once its first output was read."""
     r = runner(standin, engine)
     stream = r.generate(prompt(), **gen_args(streaming=True, max_new_tokens=60))
     next(stream)
     (request_id,) = stream.gi_frame.f_locals["request_ids"]
     r.session.cancel_request(request_id)
+    return r, stream, request_id
+
+
+def test_cancel_final_ends_the_stream(standin, engine: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("EDGE_LLAMA_STANDIN_REPLY_TOKENS", "50")
+    r, stream, request_id = cancelled_after_first_output(standin, engine)
     last = [o for o in stream][-1]
     assert int(last["sequence_lengths"][0][0]) < 5 + 50
     assert r.session.get_num_responses_ready() == 0
@@ -267,11 +273,7 @@ def test_cancel_lost_blocks_and_a_bounded_wait_is_possible(standin, engine: Path
     monkeypatch.setenv("EDGE_LLAMA_STANDIN_CANCEL", "lost")
     monkeypatch.setenv("EDGE_LLAMA_STANDIN_BLOCK_LIMIT_S", "0.3")
     monkeypatch.setenv("EDGE_LLAMA_STANDIN_REPLY_TOKENS", "50")
-    r = runner(standin, engine)
-    stream = r.generate(prompt(), **gen_args(streaming=True, max_new_tokens=60))
-    next(stream)
-    (request_id,) = stream.gi_frame.f_locals["request_ids"]
-    r.session.cancel_request(request_id)
+    r, stream, request_id = cancelled_after_first_output(standin, engine)
     time.sleep(0.05)
     r.session.await_responses(request_id, datetime.timedelta(milliseconds=10))  # drain what was in flight
     start = time.monotonic()
@@ -285,10 +287,7 @@ def test_cancel_lost_blocks_and_a_bounded_wait_is_possible(standin, engine: Path
 def test_cancel_error_raises_in_the_stream(standin, engine: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("EDGE_LLAMA_STANDIN_CANCEL", "error")
     monkeypatch.setenv("EDGE_LLAMA_STANDIN_REPLY_TOKENS", "50")
-    r = runner(standin, engine)
-    stream = r.generate(prompt(), **gen_args(streaming=True, max_new_tokens=60))
-    next(stream)
-    r.session.cancel_request(stream.gi_frame.f_locals["request_ids"][0])
+    _, stream, _ = cancelled_after_first_output(standin, engine)
     # L559-561 reads response.result of the error response before _fill_output's RuntimeError(error_msg)
     with pytest.raises(RuntimeError):
         for _ in stream:
