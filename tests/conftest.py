@@ -24,6 +24,12 @@ from edge_llama.launch import DaemonProcess
 REPO = Path(__file__).resolve().parents[1]
 
 
+def llama_cpp_wheels() -> Path:
+    """Where tools/setup.sh keeps the portable llama-cpp-python wheel (a source build takes ~6 min), for the tests
+    that install it into fresh venvs."""
+    return Path((Path(sys.prefix) / ".edge-llama-wheels").read_text().strip())
+
+
 def source_files() -> list[str]:
     """The checkout's files as a clone has them (plus new files not ignored), relative to the checkout."""
     if (REPO / ".git").exists():

