@@ -16,10 +16,11 @@ class EdgeLlamaError(Exception):
     code = "internal"
     exit_code = 1
 
-    def __init__(self, message: str, *, retry_after_ms: int | None = None) -> None:
+    def __init__(self, message: str, *, retry_after_ms: int | None = None, field: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after_ms = retry_after_ms
+        self.field = field  # the request field at fault, when one is (an API names it: OpenAI's `param`)
 
 
 # --- wire codes (protocol v1) -------------------------------------------------------------------------------
@@ -62,6 +63,12 @@ class Cancelled(EdgeLlamaError):
     code = "cancelled"
 
 
+class NotFound(EdgeLlamaError):
+    """A session this peer's uid has not got (sessions belong to the uid that created them)."""
+
+    code = "not_found"
+
+
 class InternalError(EdgeLlamaError):
     code = "internal"
 
@@ -87,11 +94,11 @@ class SocketInUse(EdgeLlamaError):
 WIRE_ERRORS: dict[str, type[EdgeLlamaError]] = {
     cls.code: cls
     for cls in (BadJson, BadRequest, TooLarge, ContextOverflow, Busy, Forbidden, SafetyBlocked, Unavailable,
-                Cancelled, InternalError)
+                Cancelled, NotFound, InternalError)
 }
 
 
 def from_wire(event: dict[str, Any]) -> EdgeLlamaError:
     """Rebuild the typed error of an `error` line a daemon sent (client side)."""
     cls = WIRE_ERRORS.get(event["code"], InternalError)
-    return cls(event["message"], retry_after_ms=event.get("retry_after_ms"))
+    return cls(event["message"], retry_after_ms=event.get("retry_after_ms"), field=event.get("field"))

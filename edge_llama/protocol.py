@@ -9,26 +9,79 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from edge_llama.errors import BadJson, BadRequest, EdgeLlamaError, TooLarge
 
 VERSION = 1
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 MAX_ID_CHARS = 128
 MAX_SESSION_CHARS = 64
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # JSON's way to write half of a UTF-16 surrogate pair
 SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
-class Message:
-    role: str
-    content: str
+class ToolCall:
+    """A call the model made: `arguments` is the parsed JSON object (OpenAI's wire form is its JSON text)."""
 
-    def as_dict(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.content}
+    id: str
+    name: str
+    arguments: Mapping[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The shape chat templates read (Hugging Face's convention, which Meta's Llama 3.2 template follows)."""
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": dict(self.arguments)}}
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # system | user | assistant | tool
+    content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # assistant: the calls it made (content may then be "")
+    tool_call_id: str | None = None  # tool: the call this message answers
+
+    def as_dict(self) -> dict[str, Any]:
+        """The message as chat templates see it. `tool_calls` is present only when there are some: Meta's template
+        tests `'tool_calls' in message`."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [c.as_dict() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """A function the model may call: its JSON-schema `parameters` were checked when the request was read."""
+
+    name: str
+    description: str
+    parameters: Mapping[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        """OpenAI's tool shape, which chat templates render (Meta's dumps each with tojson)."""
+        return {"type": "function", "function": {"name": self.name, "description": self.description,
+                                                 "parameters": dict(self.parameters)}}
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    """Structured content: any JSON object (`json_object`), or JSON valid against `schema` (`json_schema`)."""
+
+    kind: Literal["json_object", "json_schema"]
+    schema: Mapping[str, Any] | None = None
+    name: str | None = None
+    strict: bool = False
+
+
+# "auto": free text or calls (a call constrained from its first character); "none": no call; "required": at least
+# one call, constrained from the first token; any other string: a call to that tool, constrained likewise.
+ToolChoice = str
 
 
 @dataclass(frozen=True)
@@ -41,6 +94,11 @@ class ChatRequest:
     top_p: float | None = None
     seed: int | None = None
     stream: bool = True
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these (not included)
+    tools: tuple[ToolSpec, ...] = ()
+    tool_choice: ToolChoice = "auto"
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
     op: Literal["chat"] = "chat"
 
 
@@ -143,7 +201,8 @@ def _parse_object(obj: dict[str, Any], max_messages: int) -> Request:
         raise BadRequest(f"'id' must be 1 to {MAX_ID_CHARS} characters")
     op = _get(obj, "op", str, required=True)
     if op == "chat":
-        _only(obj, {"id", "op", "messages", "session", "max_tokens", "temperature", "top_p", "seed", "stream"})
+        _only(obj, {"id", "op", "messages", "session", "max_tokens", "temperature", "top_p", "seed", "stream",
+                    "stop", "tools", "tool_choice", "parallel_tool_calls", "response_format"})
         return ChatRequest(
             id=request_id,
             messages=_messages(obj.get("messages"), max_messages),
@@ -151,8 +210,13 @@ def _parse_object(obj: dict[str, Any], max_messages: int) -> Request:
             max_tokens=_positive_int(obj, "max_tokens"),
             temperature=_number(obj, "temperature", 0.0, 2.0),
             top_p=_number(obj, "top_p", 0.0, 1.0, low_open=True),
-            seed=_get(obj, "seed", int),
+            seed=check_seed(_get(obj, "seed", int), "seed"),
             stream=_get(obj, "stream", bool, default=True),
+            stop=check_stops(obj.get("stop"), "stop"),
+            tools=_tools(obj.get("tools")),
+            tool_choice=_tool_choice(obj.get("tool_choice")),
+            parallel_tool_calls=_get(obj, "parallel_tool_calls", bool, default=True),
+            response_format=_response_format(obj.get("response_format")),
         )
     if op == "summarize":
         _only(obj, {"id", "op", "text", "max_tokens", "style", "stream"})
@@ -235,17 +299,105 @@ def _messages(value: Any, max_messages: int) -> tuple[Message, ...]:
         raise TooLarge(f"{len(value)} messages in one request; the limit is {max_messages}")
     out = []
     for i, m in enumerate(value):
-        if not isinstance(m, dict) or set(m) - {"role", "content"}:
-            raise BadRequest(f"messages[{i}] must be an object with 'role' and 'content'")
+        if not isinstance(m, dict) or set(m) - {"role", "content", "tool_calls", "tool_call_id"}:
+            raise BadRequest(f"messages[{i}] must be an object with 'role' and 'content' (and 'tool_calls' for an "
+                             "assistant, 'tool_call_id' for a tool result)")
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
             raise BadRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}")
         if not isinstance(content, str):
             raise BadRequest(f"messages[{i}].content must be a string")
-        out.append(Message(role, content))
-    if out[-1].role != "user":
-        raise BadRequest("the last message must be the user's")
+        calls: tuple[ToolCall, ...] = ()
+        if m.get("tool_calls") is not None:
+            if role != "assistant":
+                raise BadRequest(f"messages[{i}].tool_calls: only an assistant message has tool calls")
+            raw = m["tool_calls"]
+            if not isinstance(raw, list) or not all(isinstance(c, dict) and set(c) <= {"id", "name", "arguments"}
+                                                    and isinstance(c.get("id"), str) and c["id"]
+                                                    and isinstance(c.get("name"), str)
+                                                    and isinstance(c.get("arguments"), dict) for c in raw):
+                raise BadRequest(f"messages[{i}].tool_calls must be a list of {{'id': str, 'name': str, "
+                                 "'arguments': object}")
+            calls = tuple(ToolCall(c["id"], c["name"], c["arguments"]) for c in raw)
+        call_id = m.get("tool_call_id")
+        if (role == "tool") != (call_id is not None) or (call_id is not None and not isinstance(call_id, str)):
+            raise BadRequest(f"messages[{i}].tool_call_id: a tool message needs the id (a string) of the call it "
+                             "answers, and only a tool message has one")
+        out.append(Message(role, content, calls, call_id))
+    check_last_message(out)
     return tuple(out)
+
+
+def check_last_message(messages: list[Message]) -> None:
+    """A request ends with what the model answers next: a user message, or the results of its tool calls."""
+    if messages[-1].role not in ("user", "tool"):
+        raise BadRequest("the last message must be the user's (or a tool result)")
+
+
+def check_seed(seed: int | None, field: str) -> int | None:
+    """Engines take a 64-bit unsigned seed (llama.cpp's uint32 is derived from it)."""
+    if seed is not None and not 0 <= seed < 1 << 64:
+        raise BadRequest(f"'{field}' must be between 0 and 2**64 - 1")
+    return seed
+
+
+MAX_STOP = 4  # stop strings per request, as OpenAI
+
+
+def check_stops(stop: Any, field: str) -> tuple[str, ...]:
+    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not isinstance(stops, list) or len(stops) > MAX_STOP or not all(isinstance(s, str) and s for s in stops):
+        raise BadRequest(f"'{field}' must be a non-empty string or a list of at most {MAX_STOP} of them")
+    return tuple(stops)
+
+
+def _tools(value: Any) -> tuple[ToolSpec, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise BadRequest("'tools' must be a list of {'name', 'description', 'parameters'}")
+    out = []
+    for i, t in enumerate(value):
+        if not isinstance(t, dict) or set(t) - {"name", "description", "parameters"}:
+            raise BadRequest(f"tools[{i}] must be an object with 'name', 'description' and 'parameters'")
+        name, description, parameters = t.get("name"), t.get("description", ""), t.get("parameters", {})
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+            raise BadRequest(f"tools[{i}].name must be 1 to 64 characters of A-Z a-z 0-9 _ -")
+        if not isinstance(description, str):
+            raise BadRequest(f"tools[{i}].description must be a string")
+        if not isinstance(parameters, dict):
+            raise BadRequest(f"tools[{i}].parameters must be a JSON schema object")
+        out.append(ToolSpec(name, description, parameters))
+    return tuple(out)
+
+
+def _tool_choice(value: Any) -> ToolChoice:
+    if value is None:
+        return "auto"
+    if value in ("auto", "none", "required"):
+        return value
+    if isinstance(value, dict) and set(value) == {"name"} and isinstance(value["name"], str):
+        return value["name"]
+    raise BadRequest("'tool_choice' must be \"auto\", \"none\", \"required\" or {\"name\": <a tool's name>}")
+
+
+def _response_format(value: Any) -> ResponseFormat | None:
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text" and set(value) == {"type"}:
+        return None
+    if kind == "json_object" and set(value) == {"type"}:
+        return ResponseFormat("json_object")
+    if kind == "json_schema" and set(value) <= {"type", "schema", "name", "strict"}:
+        schema, name, strict = value.get("schema"), value.get("name"), value.get("strict", False)
+        if not isinstance(schema, dict):
+            raise BadRequest("response_format.schema must be a JSON schema object")
+        if name is not None and not isinstance(name, str) or not isinstance(strict, bool):
+            raise BadRequest("response_format.name must be a string and response_format.strict true or false")
+        return ResponseFormat("json_schema", schema, name, strict)
+    raise BadRequest("'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                     "{\"type\": \"json_schema\", \"schema\": {...}, \"name\"?: str, \"strict\"?: bool}")
 
 
 # --- replies ---------------------------------------------------------------------------------------------------
@@ -271,6 +423,8 @@ def error_event(request_id: str | None, error: EdgeLlamaError) -> dict[str, Any]
     event: dict[str, Any] = {"id": request_id, "event": "error", "code": error.code, "message": error.message}
     if error.retry_after_ms is not None:
         event["retry_after_ms"] = error.retry_after_ms
+    if error.field is not None:
+        event["field"] = error.field
     return event
 
 

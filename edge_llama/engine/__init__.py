@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from edge_llama.config import EngineConfig
-from edge_llama.engine.base import Capacity, Chunk, Engine, GenParams, TemplateInfo
+from edge_llama.engine.base import Capacity, Chunk, Engine, GenParams, TemplateInfo, TokenConstraint, Vocabulary
 from edge_llama.errors import ConfigError
 
-__all__ = ["Capacity", "Chunk", "Engine", "GenParams", "TemplateInfo", "create_engine"]
+__all__ = ["Capacity", "Chunk", "Engine", "GenParams", "TemplateInfo", "TokenConstraint", "Vocabulary", "create_engine"]
 
 
 def create_engine(config: EngineConfig) -> Engine:

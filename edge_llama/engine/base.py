@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from edge_llama.errors import InternalError, ModelError
 
@@ -26,12 +26,53 @@ class Capacity:
     max_seq_len: int  # the model's own limit (training context), >= kv_tokens when the budget is honest
 
 
+class TokenConstraint(Protocol):
+    """Constrained decoding as an engine sees it: a per-step mask of the tokens allowed next (structured/ builds
+    it from a JSON schema or a set of tools; engines never see a schema). One object per generation, used from
+    one thread at a time (the engine's; on TensorRT-LLM, the executor's logits post-processor).
+
+    - `mask()` before choosing each token: None while decoding is free (the text before a lazy trigger such as
+      the start of a tool call), else an int32 bitmask of ceil(vocab / 32) words, bit t of word t // 32 set when
+      token t may come next (llguidance's layout). The array may be reused: it is valid until the next call.
+      Tokens past the mask's width (a padded vocabulary) are never allowed. End-of-generation tokens are in it
+      only where the structure may end.
+    - `accept(token)` with the token chosen (an end-of-generation token too).
+    - `done` turns true once the structure is complete and nothing may follow it: the engine then ends the
+      generation with finish "stop", as if it had produced an end token.
+    A mask that allows nothing is a bug of the constraint: it raises instead of returning one.
+    """
+
+    def mask(self) -> Any: ...
+
+    def accept(self, token: int) -> None: ...
+
+    @property
+    def done(self) -> bool: ...
+
+
 @dataclass(frozen=True)
 class GenParams:
     max_tokens: int
     temperature: float = 0.7  # 0 = greedy
     top_p: float = 0.9
     seed: int | None = None
+    constraint: TokenConstraint | None = None  # a fresh one per generation (it is stateful)
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The model's tokens, as constrained decoding needs them to turn a grammar into token masks.
+
+    One of two forms: a Hugging Face `tokenizer_json` (the TensorRT-LLM engine folder has one), or each token's
+    bytes in `pieces` (llama.cpp: from the GGUF), where control tokens are prefixed with b"\xff" so that a grammar
+    can never produce them as text (llguidance's convention), plus `tokenize` for text the grammar forces.
+    """
+
+    eos_ids: tuple[int, ...]  # every end-of-generation token (eos, <|eot_id|>, <|eom_id|>, <|im_end|>...)
+    logits_size: int  # the width of the engine's logits (>= the tokenizer's vocabulary when padded)
+    tokenizer_json: str | None = None
+    pieces: Sequence[bytes] | None = None
+    tokenize: Any = None  # (bytes) -> list[int], with `pieces` only
 
 
 @dataclass(frozen=True)
@@ -105,6 +146,11 @@ class Engine(ABC):
     # Set by backends during long work that yields no token (prompt evaluation), read by the scheduler's stall
     # detection: a long prompt is progress, not a wedged engine.
     progress_at: float = 0.0
+
+    def vocabulary(self) -> Vocabulary:
+        """The tokens for constrained decoding (tools, JSON output). Slow (the whole vocabulary): call it from a
+        worker thread, once. Backends that cannot constrain raise NotImplementedError."""
+        raise NotImplementedError(f"the {self.name} backend cannot constrain its output")
 
     def next_token_probs(self, prompt_ids: Sequence[int], candidates: Sequence[int]) -> list[float]:
         """Probability of each candidate as the next token after the prompt (for classifier-style models such as

@@ -11,14 +11,42 @@ import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
 
 from edge_llama.config import EngineConfig
-from edge_llama.engine.base import Capacity, Chunk, Engine, GenParams, TemplateInfo, Utf8Assembler
+from edge_llama.engine.base import Capacity, Chunk, Engine, GenParams, TemplateInfo, Utf8Assembler, Vocabulary
 from edge_llama.errors import InternalError
 
 SPECIALS = ("<|bos|>", "<|eos|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>")
 SPECIAL_IDS = {text: 256 + i for i, text in enumerate(SPECIALS)}
 _SPECIAL_RE = re.compile("(" + "|".join(re.escape(s) for s in SPECIALS) + ")")
+
+END = SPECIAL_IDS["<|eos|>"]
+END_IDS = (END, SPECIAL_IDS["<|end|>"])
+
+
+def _allowed(mask: Any, reply: bytes, at: int) -> tuple[int, int]:
+    """Under a constraint: the script's next byte the constraint allows (the ones it forbids are skipped), else
+    the end, else the lowest allowed token; and where the script goes on. So a scripted reply still comes out valid,
+    and a test can script exactly what a model would write."""
+    if mask is None:
+        return (reply[at], at + 1) if at < len(reply) else (END, at)
+    bits = np.unpackbits(np.asarray(mask, dtype="<i4").view(np.uint8), bitorder="little")
+    for j in range(at, len(reply)):
+        if bits[reply[j]]:
+            return reply[j], j + 1
+    # The script is used up: end, else close what is open (a string, an object, an array), else the shortest
+    # values, else the lowest allowed token: a structure the script left open is closed in few tokens.
+    for token in (*END_IDS, *b'"}],0f'):
+        if bits[token]:
+            return token, len(reply)
+    allowed = np.flatnonzero(bits[:256 + len(SPECIALS)])
+    if not len(allowed):
+        raise InternalError("the constraint allows no token")
+    return int(allowed[0]), len(reply)
+
 
 TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -35,6 +63,14 @@ class FakeEngine(Engine):
 
     def load(self) -> None:
         time.sleep(self._script.load_delay_ms / 1000)
+        self._closed = False
+
+    def close(self) -> None:
+        self._closed = True  # as a real backend frees its model: any later use is a bug, and fails loudly
+
+    def _check_open(self) -> None:
+        if getattr(self, "_closed", False):
+            raise InternalError("the fake engine was used after close()")
 
     @property
     def capacity(self) -> Capacity:
@@ -73,11 +109,16 @@ class FakeEngine(Engine):
         """Scripted: candidates starting with "u" (as in "unsafe") are likely when the prompt contains
         fake.unsafe_on."""
         prompt = self.detokenize_with_specials(prompt_ids)
+        for _ in range(len(prompt_ids)):  # prompt evaluation, as generate() does (a slow classifier check)
+            self._check_open()
+            if self._script.prompt_delay_ms:
+                time.sleep(self._script.prompt_delay_ms / 1000)
         unsafe = bool(self._script.unsafe_on) and self._script.unsafe_on in prompt
         likely = [c == ord("u") for c in candidates]
         return [(0.97 if unsafe else 0.02) if u else (0.03 if unsafe else 0.98) for u in likely]
 
     def generate(self, prompt_ids: Sequence[int], params: GenParams, cancel: threading.Event) -> Iterator[Chunk]:
+        self._check_open()
         prompt = self.detokenize_with_specials(prompt_ids)
         for _ in range(len(prompt_ids)):
             if cancel.is_set():
@@ -90,21 +131,38 @@ class FakeEngine(Engine):
             raise InternalError(f"fake engine failure (prompt contains {self._script.fail_on!r})")
         assembler = Utf8Assembler()
         reply = self._reply(prompt).encode("utf-8")
-        for count, byte in enumerate(reply):
+        constraint = params.constraint
+        count = 0
+        at = 0  # where in the scripted reply
+        while at < len(reply) or constraint is not None:
             if cancel.is_set():
                 yield Chunk("", "cancelled")
                 return
             if count >= params.max_tokens:
                 yield Chunk(assembler.flush(), "length")
                 return
+            token, at = (reply[at], at + 1) if constraint is None else _allowed(constraint.mask(), reply, at)
+            if constraint is not None:
+                constraint.accept(token)
+                if token in END_IDS:
+                    break
             if self._script.token_delay_ms:
                 time.sleep(self._script.token_delay_ms / 1000)
-            yield Chunk(assembler.feed(bytes([byte])))
-            if count == 0 and self._script.stall_on and self._script.stall_on in prompt:
+            yield Chunk(assembler.feed(bytes([token])))
+            count += 1
+            if count == 1 and self._script.stall_on and self._script.stall_on in prompt:
                 threading.Event().wait()  # never returns, whatever the cancel flag says
-            if count == 0 and self._script.truncate_on and self._script.truncate_on in prompt:
+            if count == 1 and self._script.truncate_on and self._script.truncate_on in prompt:
                 return
+            if constraint is not None and constraint.done:
+                break
         yield Chunk(assembler.flush(), "stop")
+
+    def vocabulary(self) -> Vocabulary:
+        """Bytes 0-255, then the special tokens (control tokens: a grammar never writes them as text)."""
+        return Vocabulary(eos_ids=END_IDS, logits_size=256 + len(SPECIALS),
+                          pieces=[bytes([i]) for i in range(256)] + [b"\xff" + t.encode() for t in SPECIALS],
+                          tokenize=list)
 
     @staticmethod
     def detokenize_with_specials(ids: Sequence[int]) -> str:
