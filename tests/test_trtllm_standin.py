@@ -115,9 +115,12 @@ def test_from_dir_asserts_batch_and_beam_but_not_input_len(standin, engine: Path
     with pytest.raises(AssertionError):  # L244-247
         runner(standin, engine, max_beam_width=2)
     # L233-238: max_input_len is not checked against the engine -- the executor refuses the long prompt later,
-    # and _fill_output raises the error response as RuntimeError(error_msg) (non-streaming path).
-    r = runner(standin, engine, max_input_len=100, max_output_len=28)
-    with pytest.raises(RuntimeError, match="max_input_len"):
+    # and _fill_output raises the error response as RuntimeError(error_msg) (non-streaming path). Without chunked
+    # context the executor's own limit is min(max_seq_len - 1, max_num_tokens) (trtGptModel.h, later version).
+    short = build_engine(standin, engine.parent / "short", "--max_batch_size", "1", "--max_seq_len", "128",
+                         "--max_num_tokens", "64")
+    r = runner(standin, short, max_input_len=100, max_output_len=28)
+    with pytest.raises(RuntimeError, match=r"^Prompt length \(80\) exceeds maximum input length \(64\)\.$"):
         r.generate(prompt(80), **gen_args(max_new_tokens=10))
 
 
@@ -144,8 +147,9 @@ def test_from_dir_records_its_keywords_and_passes_the_kv_cache_to_the_executor(s
     kv = r.session.config.kv_cache_config
     assert (kv.max_tokens, kv.free_gpu_memory_fraction, kv.enable_block_reuse) == (256, 0.9, True)
     assert r.session.use_mmap is True and r.session.config.enable_chunked_context is True
-    line = json.loads(record.read_text().splitlines()[-1])
-    assert line["call"] == "from_dir" and line["kwargs"]["use_mmap"] is True
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    assert [c["call"] for c in calls] == ["from_dir", "Executor"]  # from_dir builds the executor it wraps
+    assert calls[0]["kwargs"]["use_mmap"] is True and calls[1]["kwargs"]["use_mmap"] is True
     with pytest.raises(TypeError):  # KvCacheConfig max_tokens is SizeType32: pybind11 refuses a float
         runner(standin, engine, max_tokens_in_paged_kv_cache=256.0)
 
@@ -365,3 +369,148 @@ def test_trtllm_build_launcher_then_from_dir(standin, tmp_path: Path) -> None:  
     bad = subprocess.run([str(launcher), "--checkpoint_dir", str(tmp_path / "ckpt"), "--max_output_len", "5"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unrecognized arguments: --max_output_len" in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------- the executor API
+
+def executor(standin, engine: Path, **config):  # type: ignore[no-untyped-def]
+    ex = standin.executor
+    return ex.Executor(str(engine), ex.ModelType.DECODER_ONLY, ex.ExecutorConfig(max_beam_width=1, **config), True)
+
+
+def drain(executor, request_id: int) -> list:  # type: ignore[no-untyped-def]
+    """Every response of one request, up to its final (or error) one."""
+    responses: list = []
+    while not responses or not (responses[-1].has_error() or responses[-1].result.is_final):
+        responses += executor.await_responses(request_id, timeout=datetime.timedelta(seconds=5))
+    return responses
+
+
+def test_executor_signatures_are_the_0_12_binding_ones(standin, engine: Path) -> None:  # type: ignore[no-untyped-def]
+    """Keyword names and order of the 0.12.0.dev binding stub; use_mmap only in the jetson tree (executor.cpp)."""
+    ex = standin.executor
+    request = [p.name for p in inspect.signature(ex.Request.__init__).parameters.values()][1:]
+    assert request == ["input_token_ids", "max_new_tokens", "streaming", "sampling_config", "output_config", "end_id",
+                       "pad_id", "bad_words", "stop_words", "embedding_bias", "external_draft_tokens_config",
+                       "prompt_tuning_config", "lora_config", "logits_post_processor_name",
+                       "encoder_input_token_ids", "client_id", "return_all_generated_tokens"]
+    config = [p.name for p in inspect.signature(ex.ExecutorConfig.__init__).parameters.values()][1:]
+    assert config[:3] == ["max_beam_width", "scheduler_config", "kv_cache_config"] and config[-6:] == [
+        "logits_post_processor_map", "logits_post_processor_batched", "decoding_config", "gpu_weights_percent",
+        "max_queue_size", "extended_runtime_perf_knob_config"]
+    assert ex.Request.BATCHED_POST_PROCESSOR_NAME == "batched"
+    with pytest.raises(TypeError):
+        ex.Request([1], 4, priority=0.5)  # not bound in 0.12.0.dev
+    with pytest.raises(TypeError):
+        ex.ExecutorConfig(logits_post_processor_map={"x": 42})  # pybind11's std::function caster
+    with pytest.raises(TypeError):
+        ex.Executor(str(engine), ex.ModelType.DECODER_ONLY, ex.ExecutorConfig(), use_mmap="yes")
+    e = executor(standin, engine)
+    assert e.use_mmap is True and e.max_input_len == 127  # chunked context off: min(128 - 1, max_num_tokens 128)
+    e.shutdown()
+
+
+def test_executor_post_processor_names_are_checked_at_enqueue(standin, engine: Path) -> None:  # type: ignore[no-untyped-def]
+    ex = standin.executor
+    e = executor(standin, engine)
+    with pytest.raises(RuntimeError, match="LogitsPostProcessor mine not found"):  # the map is empty
+        e.enqueue_request(ex.Request([1, 2], 4, logits_post_processor_name="mine"))
+    e.shutdown()
+    e = executor(standin, engine, logits_post_processor_map={"mine": lambda *a: None})
+    with pytest.raises(RuntimeError, match="LogitsPostProcessor other not found"):
+        e.enqueue_request(ex.Request([1, 2], 4, logits_post_processor_name="other"))
+    assert e.enqueued == []
+    e.shutdown()
+
+
+def test_executor_calls_the_post_processor_and_samples_from_what_it_leaves(standin, engine: Path) -> None:  # type: ignore[no-untyped-def]
+    ex = standin.executor
+    calls: list = []
+
+    def only_42(req_id, logits, token_ids, stream_ptr, client_id):  # type: ignore[no-untyped-def]
+        calls.append((req_id, tuple(logits.shape), logits.dtype, [list(t) for t in token_ids], stream_ptr, client_id))
+        logits[:] = float("-inf")
+        logits[..., 42] = 0
+
+    e = executor(standin, engine, logits_post_processor_map={"only_42": only_42})
+    for top_k in (1, 40):
+        request_id = e.enqueue_request(ex.Request([1, 2], 3, streaming=True, end_id=END, client_id=7,
+                                                  logits_post_processor_name="only_42",
+                                                  sampling_config=ex.SamplingConfig(top_k=top_k, temperature=0.8)))
+        tokens = [t for r in drain(e, request_id) for t in r.result.output_token_ids[0]]
+        assert tokens == [42, 42, 42]
+    assert calls[0] == (calls[0][0], (1, 1, 128256), torch.float32, [[1, 2]], 0, 7)  # [1, beams, vocab padded]
+    assert calls[2][3] == [[1, 2, 42, 42]]  # prompt + output so far
+
+    def broken(*args):  # type: ignore[no-untyped-def]
+        raise ValueError("bug")
+
+    e2 = executor(standin, engine, logits_post_processor_map={"broken": broken, "nothing": lambda r, lg, *a: lg.fill_(
+        float("-inf"))})
+    for name, error in (("broken", "raised ValueError"), ("nothing", "every logit is -inf")):
+        request_id = e2.enqueue_request(ex.Request([1, 2], 3, streaming=True, logits_post_processor_name=name))
+        (response,) = drain(e2, request_id)
+        assert response.has_error() and error in response.error_msg
+    e.shutdown()
+    e2.shutdown()
+
+
+def test_executor_limits_and_draft_tokens(standin, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    ex = standin.executor
+    drafted = build_engine(standin, tmp_path, "--max_batch_size", "1", "--max_seq_len", "128", "--max_num_tokens", "64",
+                           "--speculative_decoding_mode", "draft_tokens_external", "--max_draft_len", "4")
+    built = json.loads((drafted / "config.json").read_text())["build_config"]
+    assert (built["max_seq_len"], built["speculative_decoding_mode"], built["max_draft_len"]) == (132, 2, 4)
+    e = executor(standin, drafted, enable_chunked_context=True)
+    assert e.max_input_len == 131
+
+    def first_error(request) -> str:  # type: ignore[no-untyped-def]
+        (response,) = drain(e, e.enqueue_request(request))
+        return response.error_msg
+
+    assert first_error(ex.Request([1] * 132, 4)) == "Prompt length (132) exceeds maximum input length (131)."
+    assert first_error(ex.Request([1] * 8, 4, external_draft_tokens_config=ex.ExternalDraftTokensConfig([5] * 5))) \
+        == "Draft tokens length (5) exceeds maximum draft tokens length (4)."
+    assert first_error(ex.Request([1] * 130, 4, external_draft_tokens_config=ex.ExternalDraftTokensConfig([5] * 3))) \
+        == "Prompt length + number of draft tokens (130 + 3) exceeds maximum input length (131)."
+    # Too many new tokens are clamped, not refused: 120 + 50 + 4 (the draft length per step) > 132.
+    (response,) = [r for r in drain(e, e.enqueue_request(ex.Request([1] * 120, 50, end_id=END))) if r.result.is_final]
+    assert len(response.result.output_token_ids[0]) == 120 + 8
+    # Greedy acceptance: a draft that is what the model says is kept in one step, plus one more token.
+    said = drain(e, e.enqueue_request(ex.Request([1, 2, 3], 6, streaming=True,
+                                                 sampling_config=ex.SamplingConfig(top_k=1))))
+    truth = [r.result.output_token_ids[0][0] for r in said]
+    steps = drain(e, e.enqueue_request(ex.Request([1, 2, 3], 6, streaming=True, external_draft_tokens_config=ex
+                                                  .ExternalDraftTokensConfig(truth[:3] + [1]),
+                                                  sampling_config=ex.SamplingConfig(top_k=1))))
+    assert [len(r.result.output_token_ids[0]) for r in steps] == [4, 1, 1]
+    assert [t for r in steps for t in r.result.output_token_ids[0]] == truth
+    with pytest.raises(NotImplementedError):
+        build_engine(standin, tmp_path / "m", "--speculative_decoding_mode", "medusa")
+    e.shutdown()
+
+
+def test_executor_waits_time_out_and_shutdown_ends_it(standin, engine: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    ex = standin.executor
+    e = executor(standin, engine)
+    request_id = e.enqueue_request(ex.Request([1, 2], 2, streaming=True, end_id=END))
+    drain(e, request_id)
+    start = time.monotonic()
+    assert e.await_responses(request_id, timeout=0.05) == []  # all given: without a timeout it would hang
+    assert time.monotonic() - start < 1
+    with pytest.raises(RuntimeError, match="blocks forever"):  # the test valve standing in for the hang
+        monkeypatch.setenv("EDGE_LLAMA_STANDIN_BLOCK_LIMIT_S", "0.2")
+        e.await_responses(request_id)
+    monkeypatch.setenv("EDGE_LLAMA_STANDIN_CANCEL", "lost")
+    monkeypatch.setenv("EDGE_LLAMA_STANDIN_REPLY_TOKENS", "500")
+    lost = e.enqueue_request(ex.Request([1, 2], 400, streaming=True))
+    e.await_responses(lost, timeout=datetime.timedelta(seconds=5))
+    e.cancel_request(lost)
+    with pytest.raises(RuntimeError, match="shutdown\\(\\) waited"):  # "Only returns when all requests have terminated"
+        e.shutdown()
+    e.end_lost_requests()
+    e.shutdown()
+    with pytest.raises(RuntimeError, match="Shutdown called"):
+        e.await_responses(request_id, timeout=0.01)
+    with pytest.raises(RuntimeError, match="Shutdown called, cannot enqueue requests"):
+        e.enqueue_request(ex.Request([1], 1))

@@ -22,11 +22,19 @@ only the files the jetson commit touched). They are bracketed by:
   integer. (#2018)".
 This file = the BEFORE versions with exactly those release-note changes applied. Anything else 0.12 may have
 changed is unknown (marked UNKNOWN in tests/data/trtllm_0_12_jetson.json).
+
+CHECKPOINT LOADING (load_checkpoint below: PretrainedConfig / LLaMAConfig / QuantConfig / Mapping, QuantMode's
+asserts, preprocess_weights and PretrainedModel.load) and the paged-context-FMHA checks of build() are ported from
+a nearer copy: TensorRT-LLM 0.12.0.dev2024080600, the tensorrt_llm tree vendored in Qcompiler/MixQ_Tensorrt_LLM
+(commit 06e3cbff69053952b0fcc591eb48cd2517f91622; its revised_history.md records its own edits as a diff against
+the installed wheel, and the files it edited are read with that diff reversed). Every rule is quoted with file and
+lines in tests/data/trtllm_0_12_build.json and enforced by tests/test_trtllm_build_contract.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import math
 import os
@@ -255,13 +263,206 @@ RUNTIME_PRETRAINED_DEFAULTS = {"dtype": "float16", "hidden_size": 2048, "num_hid
                                "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256}
 
 
+# ---------------------------------------------------------------------------------------------- checkpoint loading
+# Sources: 0.12.0.dev2024080600 (see the module docstring); lines in tests/data/trtllm_0_12_build.json.
+# quantization/mode.py QuantAlgo: no MIXED_PRECISION in 0.12 (0.15 release notes: "Added AutoQ (mixed precision)").
+QUANT_ALGOS = ("W8A16", "W4A16", "W4A16_AWQ", "W4A8_AWQ", "W4A16_GPTQ", "W8A8_SQ_PER_CHANNEL",
+               "W8A8_SQ_PER_TENSOR_PLUGIN", "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
+               "W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN", "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN", "FP8",
+               "FP8_PER_CHANNEL_PER_TOKEN", "INT8")
+QUANT_ALGO_LIST = tuple(a for a in QUANT_ALGOS if a != "INT8")  # list(set(QuantAlgo) - {QuantAlgo.INT8})
+KV_CACHE_QUANT_ALGO_LIST = ("FP8", "INT8")
+GROUPWISE_ALGOS = ("W4A16_AWQ", "W4A8_AWQ", "W4A16_GPTQ")  # QuantMode.use_weight_only(per_group=True)
+# models/modeling_utils.py QuantConfig (a dataclass: from_dict is cls(**config), so any other key is a TypeError).
+QUANT_CONFIG_FIELDS = ("quant_algo", "kv_cache_quant_algo", "group_size", "smoothquant_val", "clamp_val",
+                       "has_zero_point", "pre_quant_scale", "exclude_modules")
+# mapping.py Mapping.__init__ (from_dict is cls(**mapping)).
+MAPPING_FIELDS = ("world_size", "rank", "gpus_per_node", "cp_size", "tp_size", "pp_size", "moe_tp_size",
+                  "moe_ep_size")
+# PretrainedConfig.__init__ keyword-only parameters; the first five have no default. Any other key goes through
+# `setattr(self, key, value)` with the warning "Implicitly setting ..." -- an AttributeError for a read-only
+# property (kv_dtype, quant_mode).
+PRETRAINED_REQUIRED = ("architecture", "dtype", "hidden_size", "num_hidden_layers", "num_attention_heads")
+PRETRAINED_FIELDS = PRETRAINED_REQUIRED + (
+    "vocab_size", "hidden_act", "logits_dtype", "norm_epsilon", "position_embedding_type", "max_position_embeddings",
+    "num_key_value_heads", "intermediate_size", "mapping", "quantization", "use_parallel_embedding",
+    "embedding_sharding_dim", "share_embedding_table", "head_size", "qk_layernorm")
+PRETRAINED_PROPERTIES = ("kv_dtype", "quant_mode")
+# models/llama/config.py LLaMAConfig.__init__ (+ the legacy moe_* keys it pops).
+LLAMA_FIELDS = ("mlp_bias", "attn_bias", "rotary_base", "rotary_scaling", "residual_mlp",
+                "disable_weight_only_quant_plugin", "moe", "remove_duplicated_kv_heads", "moe_num_experts",
+                "moe_top_k", "moe_normalization_mode")
+MOE_FIELDS = ("num_experts", "top_k", "normalization_mode", "tp_mode")  # layers/moe.py MoeConfig
+POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope_gptj", "rope_gpt_neox", "long_rope", "alibi",
+                            "alibi_with_scale", "relative", "chatglm")  # functional.py PositionEmbeddingType
+ROTARY_SCALING_TYPES = ("none", "linear", "dynamic", "longrope", "llama3")  # functional.py RotaryScalingType
+# quantization/quantize.py quantize_layers: `quant_config.exclude_modules or [...]` -- an empty list means these.
+DEFAULT_EXCLUDE_MODULES = ("*lm_head", "*router", "*vocab_embedding", "*position_embedding", "*block_embedding",
+                           "*shared_expert_gate")
+SAFETENSORS_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
+BYTES = {"F16": 2, "BF16": 2, "F32": 4, "I8": 1, "U8": 1, "I32": 4, "F64": 8, "I64": 8, "BOOL": 1, "F8_E4M3": 1}
+
+
+def _check_fields(cls_name: str, given: dict[str, Any], known: tuple[str, ...]) -> None:
+    for key in given:
+        if key not in known:
+            raise TypeError(f"{cls_name}.__init__() got an unexpected keyword argument '{key}'")
+
+
+def load_pretrained_config(config: dict[str, Any]) -> list[str]:
+    """PretrainedConfig.from_dict -> LLaMAConfig(**config): raises as 0.12 does for what it cannot read; returns the
+    keys it sets implicitly (each logged with 0.12's warning)."""
+    architecture = config.get("architecture")
+    if architecture != "LlamaForCausalLM":  # MODEL_MAP[config['architecture']] -- only Llama is modelled here
+        raise NotImplementedError(f"stand-in trtllm-build models LlamaForCausalLM only, not {architecture!r}")
+    moe = config.get("moe")
+    if isinstance(moe, dict):
+        _check_fields("MoeConfig", moe, MOE_FIELDS)
+    position = config.get("position_embedding_type", "learned_absolute")
+    if position not in POSITION_EMBEDDING_TYPES:
+        raise ValueError(f"Unsupported position embedding type: {position}")
+    mapping = config.get("mapping") or {}
+    _check_fields("Mapping", mapping, MAPPING_FIELDS)
+    sizes = [mapping.get(k, 1) for k in ("pp_size", "cp_size", "tp_size")]
+    if sizes[0] * sizes[1] * sizes[2] != mapping.get("world_size", 1):
+        raise ValueError(f"world_size must equal to pp_size * cp_size * tp_size, but got {mapping.get('world_size', 1)}"
+                         f" != {sizes[0]} * {sizes[1]} * {sizes[2]}")
+    quantization = config.get("quantization") or {}
+    _check_fields("QuantConfig", quantization, QUANT_CONFIG_FIELDS)
+    implicit = [k for k in config if k not in PRETRAINED_FIELDS + LLAMA_FIELDS]
+    for key in implicit:
+        if key in PRETRAINED_PROPERTIES:
+            raise AttributeError(f"property '{key}' of 'LLaMAConfig' object has no setter")
+        log("W", f"Implicitly setting LLaMAConfig.{key} = {config[key]}")
+    return implicit
+
+
+def quant_mode_asserts(quantization: dict[str, Any]) -> None:
+    """QuantMode.from_quant_algo, reached through QuantConfig.quant_mode when the model is quantized: bare asserts."""
+    quant_algo, kv_cache_quant_algo = quantization.get("quant_algo"), quantization.get("kv_cache_quant_algo")
+    assert quant_algo is None or quant_algo in QUANT_ALGO_LIST
+    assert kv_cache_quant_algo is None or kv_cache_quant_algo in KV_CACHE_QUANT_ALGO_LIST
+
+
+def rotary_scaling_type(config: dict[str, Any]) -> None:
+    """layers/attention.py: Attention reads rotary_scaling["type"] (or "rope_type") through
+    RotaryScalingType.from_string when the model is built."""
+    scaling = config.get("rotary_scaling")
+    if scaling is not None:
+        kind = scaling.get("type", scaling.get("rope_type"))
+        if kind not in ROTARY_SCALING_TYPES:
+            raise ValueError(f"Unsupported rotary scaling type: {kind}")
+
+
+def read_safetensors_header(path: str) -> dict[str, Any] | None:
+    """The tensor table of a .safetensors file (8-byte little-endian length, then JSON); None when the file is
+    missing or is no safetensors file (the placeholders other tests use)."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= os.path.getsize(path) - 8:
+                return None
+            header = json.loads(f.read(size))
+    except (OSError, ValueError):
+        return None
+    return {k: v for k, v in header.items() if k != "__metadata__"} if isinstance(header, dict) else None
+
+
+def expected_llama_parameters(config: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (safetensors dtype, shape) of every weight LLaMAForCausalLM (models/llama/model.py) asks the
+    checkpoint for after quantize() (quantization/quantize.py) has replaced the layers it quantizes, tp_size 1."""
+    dtype = SAFETENSORS_DTYPES[config["dtype"]]
+    hidden, layers, heads = config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_size = config.get("head_size") or hidden // heads
+    inter = config.get("intermediate_size") or hidden * 4
+    vocab = config["vocab_size"]
+    q = config.get("quantization") or {}
+    algo = q.get("quant_algo")
+    if algo not in (None, *GROUPWISE_ALGOS) or algo == "W4A8_AWQ":
+        raise NotImplementedError(f"stand-in trtllm-build checks the weights of unquantized and W4A16 group-wise "
+                                  f"checkpoints only, not {algo}")
+    excludes = q.get("exclude_modules") or DEFAULT_EXCLUDE_MODULES
+    params: dict[str, tuple[str, tuple[int, ...]]] = {"transformer.vocab_embedding.weight": (dtype, (vocab, hidden)),
+                                                      "transformer.ln_f.weight": (dtype, (hidden,))}
+    linears = {"lm_head": (hidden, vocab, False)}
+    for i in range(layers):
+        p = f"transformer.layers.{i}"
+        params[f"{p}.input_layernorm.weight"] = (dtype, (hidden,))
+        params[f"{p}.post_layernorm.weight"] = (dtype, (hidden,))
+        linears[f"{p}.attention.qkv"] = (hidden, (heads + 2 * kv_heads) * head_size, bool(config.get("attn_bias")))
+        linears[f"{p}.attention.dense"] = (heads * head_size, hidden, bool(config.get("attn_bias")))
+        for name, (n_in, n_out) in (("fc", (hidden, inter)), ("gate", (hidden, inter)), ("proj", (inter, hidden))):
+            linears[f"{p}.mlp.{name}"] = (n_in, n_out, bool(config.get("mlp_bias")))
+        if q.get("kv_cache_quant_algo"):  # kv_cache_quantize: Parameter(shape=(1, ), dtype='float32')
+            params[f"{p}.attention.kv_cache_scaling_factor"] = ("F32", (1,))
+    for name, (n_in, n_out, bias) in linears.items():
+        if bias:
+            params[f"{name}.bias"] = (dtype, (n_out,))
+        if algo in GROUPWISE_ALGOS and not any(fnmatch.fnmatchcase(name, e) for e in excludes):
+            # quantization/layers.py WeightOnlyGroupwiseQuantLinear
+            group = q.get("group_size", 128)
+            params[f"{name}.weight"] = (dtype, (n_in, n_out // 4))
+            params[f"{name}.weights_scaling_factor"] = (dtype, (n_in // group, n_out))
+            if q.get("pre_quant_scale"):
+                params[f"{name}.prequant_scaling_factor"] = (dtype, (1, n_in))
+            if q.get("has_zero_point"):
+                params[f"{name}.zero"] = (dtype, (n_in // group, n_out))
+        else:
+            params[f"{name}.weight"] = (dtype, (n_out, n_in))
+    return params
+
+
+def preprocessed(config: dict[str, Any], name: str, dtype: str, shape: list[int]) -> tuple[str, tuple[int, ...]]:
+    """models/modeling_utils.py preprocess_weights for W4A16_AWQ: every int8 `*weight` is packed INT4 [out/2, in],
+    transposed and viewed as the model dtype [in, out/4]; scales transposed and cast; pre-quant scales [1, in]."""
+    if (config.get("quantization") or {}).get("quant_algo") != "W4A16_AWQ":
+        return dtype, tuple(shape)
+    model_dtype = SAFETENSORS_DTYPES[config["dtype"]]
+    if name.endswith("weight") and dtype == "I8":
+        return model_dtype, (shape[1], shape[0] // 2)
+    if name.endswith("weights_scaling_factor"):
+        return model_dtype, (shape[1], shape[0])
+    if name.endswith("prequant_scaling_factor"):
+        return dtype, (1, math.prod(shape))
+    return dtype, tuple(shape)
+
+
+def load_checkpoint_weights(ckpt_dir: str, config: dict[str, Any]) -> bool:
+    """PretrainedModel.from_checkpoint -> preprocess_weights -> load: every parameter the model asks for must be
+    provided with its shape (RuntimeError otherwise); extra tensors are a warning; a dtype mismatch is a warning.
+    Returns False when rank0.safetensors is missing or a placeholder (then nothing is checked; 0.12 would fail)."""
+    path = os.path.join(ckpt_dir, "rank0.safetensors")  # rank 0 of a single-rank checkpoint (see main)
+    header = read_safetensors_header(path)
+    if header is None:
+        log("W", f"[stand-in] {path} is missing or no safetensors file: weights NOT checked")
+        return False
+    expected = expected_llama_parameters(config)
+    provided = {name: preprocessed(config, name, t["dtype"], t["shape"]) for name, t in header.items()}
+    missing = set(expected) - set(provided)
+    if missing:
+        raise RuntimeError(f"Required but not provided tensors:{missing}")
+    extra = set(provided) - set(expected)
+    if extra:
+        log("W", f"Provided but not expected tensors: {extra}")
+    for name, (dtype, shape) in expected.items():
+        got_dtype, got_shape = provided[name]
+        if got_shape != shape:
+            raise RuntimeError(f"Encounter error 'The value updated is not the same shape as the original. Updated: "
+                               f"{got_shape}, original: {shape}' for parameter '{name}'")
+        if got_dtype != dtype:
+            log("W", f"Parameter was initialized as {dtype} but set to {got_dtype}")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
     tik = time.time()
     os.makedirs(args.output_dir, exist_ok=True)
-    if args.model_cls_file is not None or args.build_config is not None or args.speculative_decoding_mode:
+    if args.model_cls_file is not None or args.build_config is not None or \
+            args.speculative_decoding_mode not in (None, "draft_tokens_external"):
         raise NotImplementedError("stand-in trtllm-build: --model_cls_file, --build_config and speculative "
-                                  "decoding are not modelled")
+                                  "decoding other than draft_tokens_external are not modelled")
 
     plugin_config = plugin_config_from_args(args)
     if args.fast_build:
@@ -275,16 +476,27 @@ def main(argv: list[str] | None = None) -> int:
         config_path = os.path.join(ckpt_dir_or_model_config, 'config.json')
     with open(config_path, encoding="utf-8") as f:
         model_config: dict[str, Any] = json.load(f)
+    implicit = load_pretrained_config(model_config)  # PretrainedConfig.from_json_file(config_path)
 
     if args.multiple_profiles == "enable" and args.opt_num_tokens is not None:
         raise RuntimeError("multiple_profiles is enabled, while opt_num_tokens is set. "
                            "They are not supposed to be working in the same time for now.")
 
-    # build.py (BEFORE): rotary scaling factor, used for the default max_seq_len.
+    # build_model -> from_checkpoint (weights), then the model's __post_init__ quantizes it (QuantMode asserts) and
+    # builds its attention layers (rotary scaling type). Weights need the shape keys the stand-in fills otherwise.
+    weights_checked = (args.checkpoint_dir is not None and all(k in model_config for k in PRETRAINED_REQUIRED)
+                       and "vocab_size" in model_config
+                       and load_checkpoint_weights(args.checkpoint_dir, model_config))
+    quant = model_config.get("quantization") or {}
+    quant_mode_asserts(quant)
+    rotary_scaling_type(model_config)
+
+    # Rotary scaling factor, used for the default max_seq_len: builder.py _init_max_seq_len of 0.12.0.dev2024080600
+    # (L709-717; the BEFORE build.py indexed ['type'] and ['factor'] directly).
     rotary_scaling = model_config.get("rotary_scaling")
     if rotary_scaling is not None:
-        rotary_type = rotary_scaling['type']
-        rotary_factor = rotary_scaling['factor'] if rotary_type != 'su' else 1
+        rotary_type = rotary_scaling.get('type', rotary_scaling.get('rope_type'))
+        rotary_factor = rotary_scaling.get('factor', 1.0) if rotary_type != 'su' else 1
     else:
         rotary_factor = 1
     max_position_embeddings = model_config.get("max_position_embeddings")
@@ -328,9 +540,26 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_seq_len:
             assert args.max_input_len <= args.max_seq_len, 'max_input_len should not be larger than max_seq_len'
 
-    # builder.py (BEFORE) build(): the plugin dtype follows the model; paged context FMHA vs quantized KV cache.
+    # builder.py build(), 0.12.0.dev2024080600 L842-856 (same text in BEFORE): the plugin dtype follows the model;
+    # paged context FMHA vs a quantized KV cache (the attention plugin checks the INT8 case again at run time:
+    # gptAttentionCommon.cpp TLLM_CHECK_WITH_INFO, same message).
     plugin_config["dtype"] = model_config.get("dtype", RUNTIME_PRETRAINED_DEFAULTS["dtype"])
-    quant = model_config.get("quantization") or {}
+    # builder.py build() (BEFORE, index id 3063623504), between the two: speculative decoding adds max_draft_len to
+    # max_seq_len ("Maximum number of generated tokens remains the same") and raises max_num_tokens to
+    # max_batch_size * (max_draft_len + 1). SpeculativeDecodingMode (models/modeling_utils.py, from_arguments) is an
+    # IntFlag of auto() values: NONE 1, DRAFT_TOKENS_EXTERNAL 2, MEDUSA 4, LOOKAHEAD_DECODING 8, ...
+    speculative = {None: 1, "draft_tokens_external": 2}[args.speculative_decoding_mode]
+    if speculative != 1:
+        log("I", f"Increasing max_seq_len ({args.max_seq_len}) by max_draft_len ({args.max_draft_len}) to account "
+                 "for speculative decoding implementation specifics. Maximum number of generated tokens remains the "
+                 f"same. New max_seq_len is set to {args.max_seq_len + args.max_draft_len}")
+        args.max_seq_len += args.max_draft_len
+        num_tokens = args.max_batch_size * (args.max_draft_len + 1)
+        if max_num_tokens < num_tokens:
+            log("I", f"max_num_tokens ({max_num_tokens}) is smaller than max_batch_size * (max_draft_len + 1) = "
+                     f"({args.max_batch_size} * ({args.max_draft_len} + 1)). New max_num_tokens is set to "
+                     f"{num_tokens}.")
+            max_num_tokens = num_tokens
     if plugin_config["use_paged_context_fmha"]:
         kv_algo, algo = quant.get("kv_cache_quant_algo"), quant.get("quant_algo")
         if kv_algo == "FP8" and algo != "FP8":
@@ -358,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         "profiling_verbosity": args.profiling_verbosity,
         "enable_debug_output": args.enable_debug_output,
         "max_draft_len": args.max_draft_len,
-        "speculative_decoding_mode": 1,  # SpeculativeDecodingMode.NONE = auto() = 1, an IntFlag: json writes 1
+        "speculative_decoding_mode": speculative,  # an IntFlag: json writes the int
         "use_refit": False,
         "input_timing_cache": args.input_timing_cache,
         "output_timing_cache": args.output_timing_cache,
@@ -391,7 +620,8 @@ def main(argv: list[str] | None = None) -> int:
         "version": VERSION,
         "pretrained_config": pretrained,
         "build_config": build_config,
-        "_standin": {"filled_pretrained_config": filled,
+        "_standin": {"filled_pretrained_config": filled, "implicit_pretrained_config": implicit,
+                     "weights_checked": bool(weights_checked),
                      "not_from_source": ["build_config.lora_config", "build_config.auto_parallel_config"]},
     }
     # builder.py (BEFORE) Engine.save: rank 0 writes config.json (json.dump indent=4), each rank rank{N}.engine.

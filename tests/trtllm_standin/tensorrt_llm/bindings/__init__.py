@@ -63,8 +63,17 @@ class ModelConfig:
         self.max_prompt_embedding_table_size: int = 0
         self.compute_context_logits: bool = False
         self.compute_generation_logits: bool = False
+        self.context_fmha: bool = True
+        self.max_draft_len: int = 0
+        self.speculative_decoding_mode: int = 1  # SpeculativeDecodingMode.NONE (an IntFlag, auto() from 1)
         for key, value in fields.items():
             setattr(self, key, value)
+
+    def vocab_size_padded(self, world_size: int) -> int:
+        """The logits width: the vocabulary padded to a multiple of the tensor-parallel size (ModelRunnerCpp's
+        vocab_size_padded property calls this with world_config.size, model_runner_cpp.py@20a7cec L304-306; the
+        rounding is runtime/modelConfig.h's, not read: INFERRED)."""
+        return (self.vocab_size + world_size - 1) // world_size * world_size
 
 
 class WorldConfig:
@@ -142,5 +151,8 @@ class GptJsonConfig:
             max_prompt_embedding_table_size=int(build.get("max_prompt_embedding_table_size", 0)),
             compute_context_logits=bool(build.get("gather_context_logits", False)),
             compute_generation_logits=bool(build.get("gather_generation_logits", False)),
+            context_fmha=bool(plugin["context_fmha"]),
+            max_draft_len=int(build.get("max_draft_len", 0)),
+            speculative_decoding_mode=int(build.get("speculative_decoding_mode", 1)),
         )
         return cls(raw, model_config, tp, pp, gpus_per_node)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,25 +21,9 @@ import tensorrt_llm.bindings.executor as trtllm
 from ..bindings import GptJsonConfig, ModelConfig, WorldConfig
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return repr(value)
-
-
 def _record(call: str, kwargs: dict[str, Any]) -> None:
-    entry = {"call": call, "kwargs": _jsonable(kwargs)}
-    ModelRunnerCpp.calls.append(entry)
-    path = os.environ.get("EDGE_LLAMA_STANDIN_RECORD", "").strip()
-    if path:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
+    trtllm.record(call, kwargs)
+    ModelRunnerCpp.calls.append(trtllm.CALLS[-1])
 
 
 class ModelRunnerCpp:
@@ -161,13 +143,9 @@ class ModelRunnerCpp:
         trtllm_config.enable_chunked_context = enable_chunked_context
         trtllm_config.extended_runtime_perf_knob_config = extended_runtime_perf_knob_config
 
-        # L257-258: trtllm.Executor(engine_dir, DECODER_ONLY, trtllm_config, use_mmap).
-        engine_file = Path(engine_dir) / f"rank{rank}.engine"
-        if not engine_file.exists():
-            raise RuntimeError(f"[stand-in] no engine file {engine_file} (the real executor fails to load it)")
-        executor = trtllm.Executor(engine_dir, trtllm.ModelType.DECODER_ONLY, trtllm_config, use_mmap,
-                                   engine_limits={"max_input_len": model_config.max_input_len,
-                                                  "max_seq_len": model_config.max_seq_len})
+        # L257-258: trtllm.Executor(engine_dir, DECODER_ONLY, trtllm_config, use_mmap) -- it reads the engine
+        # folder itself (and applies its own limits to each request).
+        executor = trtllm.Executor(engine_dir, trtllm.ModelType.DECODER_ONLY, trtllm_config, use_mmap)
 
         # L265-271
         runner = cls(executor,
