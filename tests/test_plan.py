@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from conftest import make_trtllm_checkpoint
 
 from edge_llama.errors import ConfigError
 from edge_llama.pipeline.plan import PlanOptions, devices, plan
@@ -92,3 +94,76 @@ def test_mapped_engine_file_is_not_counted_as_resident() -> None:
     assert p["engine_file_bytes"] == int(value["weights total"])
     assert p["resident_bytes"] == int(value["weights total"] + value["activations"] + value["runtime overhead"]
                                       + p["kv_tokens"] * p["kv_bytes_per_token"])
+
+
+def test_int8_kv_plan_builds_and_still_takes_prompts_longer_than_the_default_step(standin, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """TensorRT-LLM 0.12's build() refuses paged context FMHA with an INT8 KV cache (builder.py, ported into the
+    stand-in): the INT8 plan turns it off, and as the runtime then has no chunked context, one engine step must hold
+    a whole prompt: max_num_tokens = max_seq_len. The plan says what that costs."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({
+        "architecture": "LlamaForCausalLM", "dtype": "float16", "hidden_size": 2048, "num_hidden_layers": 16,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+        "quantization": {"quant_algo": "W4A16_AWQ", "kv_cache_quant_algo": "INT8", "group_size": 128}}))
+    for key, device in devices().items():
+        if not device.trtllm_0_12:
+            continue
+        p = plan(PlanOptions(device=key, kv_dtype="int8"))
+        flag = dict(zip(p["trtllm_build_flags"][::2], p["trtllm_build_flags"][1::2], strict=True))
+        assert flag["--use_paged_context_fmha"] == "disable"
+        assert int(flag["--max_num_tokens"]) == int(flag["--max_seq_len"]) > int(flag["--max_input_len"]) > 512
+        standin.build.main(["--checkpoint_dir", str(ckpt), "--output_dir", str(tmp_path / key),
+                            *p["trtllm_build_flags"]])
+        built = json.loads((tmp_path / key / "config.json").read_text())["build_config"]
+        assert built["max_num_tokens"] >= built["max_input_len"]
+        assert not built["plugin_config"]["use_paged_context_fmha"]
+        warning = next(w for w in p["warnings"] if w.startswith("INT8 KV cache"))
+        assert "you lose chunked context and KV block reuse" in warning
+    # Llama-3.2-1B, 4096 tokens: the INT8 cache saves 64 MiB, the whole-prompt step costs ~245 MiB more activations.
+    fp16, int8 = plan(PlanOptions(device="orin-nano-8gb")), plan(PlanOptions(device="orin-nano-8gb", kv_dtype="int8"))
+    assert int8["resident_bytes"] > fp16["resident_bytes"]
+    assert "a net loss of memory here" in " ".join(int8["warnings"])
+    assert dict(zip(fp16["trtllm_build_flags"][::2], fp16["trtllm_build_flags"][1::2], strict=True))[
+        "--use_paged_context_fmha"] == "enable"
+    with pytest.raises(ConfigError, match="--max-draft-len needs KV block reuse"):  # draft tokens need reuse
+        plan(PlanOptions(device="orin-nano-8gb", kv_dtype="int8", max_draft_len=4))
+
+
+def test_lm_head_choices_bytes_and_ceilings_per_device() -> None:
+    """Not verified on hardware: bandwidth / bytes read per decoded token, for each lm_head precision."""
+    p = plan(PlanOptions(device="orin-nano-8gb"))
+    head = p["by_lm_head"]
+    lm_head_fp16 = 128256 * 2048 * 2
+    int4_head = 128256 * 2048 // 2 + 128256 * 2048 // 128 * 2 + 2048 * 2
+    assert head["fp16"]["bytes_read_per_token"] == p["bytes_read_per_token"]
+    assert head["fp16"]["bytes_read_per_token"] - head["int4"]["bytes_read_per_token"] == lm_head_fp16 - int4_head
+    assert head["fp16"]["bytes_read_per_token"] - head["int8"]["bytes_read_per_token"] == \
+        lm_head_fp16 - (128256 * 2048 + 128256 * 2)
+    # 68 GB/s: FP16 head 66 tok/s, INT8 head 89, INT4 head 107 (the INT4 head reads 0.13 GB instead of 0.53 GB).
+    assert [round(head[k]["decode_ceiling_tok_s"]) for k in ("fp16", "int8", "int4")] == [66, 89, 107]
+    assert not head["int8"]["loads_in_trtllm_0_12"] and head["int4"]["loads_in_trtllm_0_12"]
+    int4 = plan(PlanOptions(device="orin-nano-8gb", lm_head="int4"))
+    assert int4["decode_ceiling_tok_s"] == head["int4"]["decode_ceiling_tok_s"]
+    assert p["resident_bytes"] - int4["resident_bytes"] == lm_head_fp16 - int4_head
+    assert any(c.endswith("--lm-head int4 --json > plan.json") for c in int4["backend"]["commands"])
+    for key in devices():  # every profile gets the table, and faster heads are faster everywhere
+        c = plan(PlanOptions(device=key))["by_lm_head"]
+        assert c["fp16"]["decode_ceiling_tok_s"] < c["int8"]["decode_ceiling_tok_s"] < c["int4"]["decode_ceiling_tok_s"]
+    with pytest.raises(ConfigError, match="--lm-head int8: TensorRT-LLM 0.12 cannot load an INT8 lm_head"):
+        plan(PlanOptions(device="orin-nano-8gb", lm_head="int8"))
+    text = subprocess.run([sys.executable, "-m", "edge_llama", "plan", "--device", "orin-nano-8gb"],
+                          capture_output=True, text=True, timeout=30).stdout
+    assert "  int4  0.638 GB/token   106.6 tok/s" in text and "TensorRT-LLM 0.12 cannot load it" in text
+
+
+def test_build_refuses_a_plan_made_for_another_lm_head_or_kv_cache(tmp_path: Path) -> None:
+    from edge_llama.pipeline.build import build
+
+    checkpoint = make_trtllm_checkpoint(tmp_path / "ckpt")  # FP16 lm_head, FP16 KV cache
+    for options, fix in ((dict(lm_head="int4"), "re-plan with --lm-head fp16"),
+                         (dict(kv_dtype="int8"), "re-plan with --kv-dtype fp16")):
+        plan_path = tmp_path / "plan.json"
+        plan_path.write_text(json.dumps(plan(PlanOptions(device="orin-nano-8gb", **options))))
+        with pytest.raises(ConfigError, match=fix):
+            build(checkpoint, plan_path, tmp_path / "engine")

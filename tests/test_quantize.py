@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import subprocess
 import sys
@@ -99,13 +100,13 @@ def exported(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyp
     return opts, logits
 
 
-def test_export_is_a_self_describing_trtllm_checkpoint(exported) -> None:  # type: ignore[no-untyped-def]
+def test_export_is_a_self_describing_trtllm_checkpoint(exported, standin) -> None:  # type: ignore[no-untyped-def]
     from edge_llama.manifest import verify_manifest
 
     opts, _ = exported
     manifest = verify_manifest(opts.out, kind="trtllm-checkpoint", backend="trtllm")
     assert manifest["quantization"] == {
-        "algo": "W4A16_AWQ", "group_size": 64, "kv_cache": "fp16",
+        "algo": "W4A16_AWQ", "group_size": 64, "kv_cache": "fp16", "lm_head": "fp16",
         "method": "awq_lite (alpha step 0.1) with one scale per fused group + clip search"}
     assert manifest["tools"]["nvidia-modelopt"] == "0.47.0"
     assert {"config.json", "rank0.safetensors", "tokenizer.json"} <= set(manifest["files"])
@@ -114,12 +115,17 @@ def test_export_is_a_self_describing_trtllm_checkpoint(exported) -> None:  # typ
     assert config["rotary_base"] == 100000.0
     assert config["quantization"]["quant_algo"] == "W4A16_AWQ" and config["quantization"]["group_size"] == 64
     assert config["quantization"]["exclude_modules"] == ["lm_head"]
+    # TensorRT-LLM 0.12's loader (the stand-in trtllm-build) takes its config and every tensor.
+    engine = opts.out.parent / "engine"
+    standin.build.main(["--checkpoint_dir", str(opts.out), "--output_dir", str(engine), "--max_seq_len", "2048"])
+    assert json.loads((engine / "config.json").read_text())["_standin"]["weights_checked"]
 
 
 def test_rope_scaling_is_carried_into_the_export(tmp_path: Path) -> None:
     from edge_llama.pipeline.quantize import patch_exported_config
 
-    (tmp_path / "config.json").write_text(json.dumps({"architecture": "LlamaForCausalLM"}))
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "LlamaForCausalLM",
+                                                      "quantization": {"quant_algo": "W4A16_AWQ"}}))
     llama32 = {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                    "original_max_position_embeddings": 8192}}
@@ -127,6 +133,35 @@ def test_rope_scaling_is_carried_into_the_export(tmp_path: Path) -> None:
     assert config["rotary_base"] == 500000.0
     assert config["rotary_scaling"] == {"type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def test_the_export_must_be_one_w4a16_awq_format(tmp_path: Path) -> None:
+    """What TensorRT-LLM 0.12 cannot read is refused: modelopt 0.47 writes MIXED_PRECISION (+ quant_cfg.json) when
+    layers differ in format, and 0.12 knows one quant_algo per checkpoint. With an INT4 lm_head the exclude list
+    must not be empty (0.12 reads [] as its defaults, which exclude lm_head)."""
+    from edge_llama.pipeline.quantize import patch_exported_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"quantization": {"quant_algo": "MIXED_PRECISION"}}))
+    with pytest.raises(ModelError, match="exporter wrote quant_algo 'MIXED_PRECISION'.*one W4A16_AWQ format"):
+        patch_exported_config(tmp_path, {}, "int4")
+    (tmp_path / "config.json").write_text(json.dumps({"quantization": {"quant_algo": "W4A16_AWQ",
+                                                                       "exclude_modules": []}}))
+    excludes = patch_exported_config(tmp_path, {}, "int4")["quantization"]["exclude_modules"]
+    assert excludes and not any(fnmatch.fnmatchcase("lm_head", e) for e in excludes)
+    assert any(fnmatch.fnmatchcase("transformer.vocab_embedding", e) for e in excludes)
+    (tmp_path / "quant_cfg.json").write_text("{}")
+    with pytest.raises(ModelError, match="with quant_cfg.json"):
+        patch_exported_config(tmp_path, {}, "int4")
+
+
+def test_cli_lm_head_int8_is_refused_with_the_reason(tmp_path: Path) -> None:
+    folder = fake_checkpoint(tmp_path / "m", SMOLLM_SHAPE)
+    out = subprocess.run([sys.executable, "-m", "edge_llama", "quantize", "--model", str(folder), "--out",
+                          str(tmp_path / "o"), "--block-size", "64", "--lm-head", "int8"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert "TensorRT-LLM 0.12 cannot load an INT8 lm_head" in out.stderr and "MIXED_PRECISION" in out.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_int4_unpacking_inverts_modelopts_packing() -> None:
@@ -297,3 +332,45 @@ def test_int8_kv_cache_export(tmp_path: Path) -> None:
         without_int8_kv = reference.forward(probe_ids())
     assert (ours - without_int8_kv).abs().max() > 0.1  # the INT8 KV cache is applied ...
     assert (ours.argmax(-1) == shared.argmax(-1)).float().mean() > 0.9  # ... as modelopt computes it (0.97)
+
+
+def test_int4_lm_head_export_reproduces_the_quantized_model(tmp_path: Path) -> None:
+    """--lm-head int4: lm_head gets AWQ like the other layers (its own pre-quant scale and clip search), stored as
+    INT4 with an exclude list under which TensorRT-LLM 0.12 quantizes it; the tied embedding table stays as it was,
+    and the reference forward pass over the file tracks modelopt's in-memory model, head included."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("modelopt")
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from edge_llama.pipeline.awq_reference import ReferenceLlama
+    from edge_llama.pipeline.quantize import calibrate, export
+
+    sys.path.insert(0, str(REPO / "tools"))
+    from make_test_checkpoint import DEFAULT_OUT, make
+
+    opts = QuantizeOptions(model=make(DEFAULT_OUT), out=tmp_path / "ckpt", block_size=64, calib_size=4,
+                           calib_seq_len=128, alpha_step=0.25, lm_head="int4")
+    calibrated = calibrate(opts)
+    head = calibrated.model.get_output_embeddings()
+    with torch.no_grad():
+        quantized = calibrated.model(probe_ids().unsqueeze(0)).logits[0]
+        head_weight = head.weight_quantizer(head.weight).float()  # what modelopt computes with: fake-quant INT4
+    head_pre_quant = head.input_quantizer.pre_quant_scale.float()
+    manifest = json.loads(export(calibrated, opts).read_text())
+    assert manifest["quantization"]["lm_head"] == "int4"
+    tensors = load_file(str(opts.out / "rank0.safetensors"))
+    assert tensors["lm_head.weight"].dtype == torch.int8 and tensors["lm_head.weight"].shape == (49152 // 2, 576)
+    assert tensors["lm_head.weights_scaling_factor"].shape == (49152, 576 // 64)
+    original = AutoModelForCausalLM.from_pretrained(opts.model, dtype=torch.float32).get_input_embeddings().weight
+    assert torch.equal(tensors["transformer.vocab_embedding.weight"], original.detach().half())
+    reference = ReferenceLlama(opts.out)
+    stored_weight, stored_pre_quant = reference.weight("lm_head")
+    assert torch.equal(stored_pre_quant, head_pre_quant)
+    # modelopt's packer divides by the scale where its fake quantizer multiplies by the inverse: a code at a rounding
+    # tie can land one step apart (measured: 9 of 28 M). One such code moves a logit by ~0.2.
+    assert ((stored_weight - head_weight).abs() > 1e-6).float().mean() < 1e-5
+    with torch.no_grad():
+        ours = reference.forward(probe_ids())
+    assert (ours - quantized).abs().max() < 0.02 * quantized.abs().max()  # logits up to ~30; measured 0.18
+    assert (ours.argmax(-1) == quantized.argmax(-1)).float().mean() > 0.98  # measured 1.0

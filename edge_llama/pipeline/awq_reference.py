@@ -7,6 +7,7 @@ It reads rank0.safetensors itself, so it checks the file, not the model that pro
 - `prequant_scaling_factor` [in]: AWQ's per-input-channel scale, applied to the activations: y = (x * s) @ W^T;
 - `kv_cache_scaling_factor` [1] per layer (INT8 KV cache only): K after RoPE and V are stored as
   round(x / s) in int8.
+- lm_head: FP16 [vocab, hidden], or (`--lm-head int4`) an INT4-AWQ linear like the others.
 TensorRT-LLM names: attention.qkv (q, k, v stacked on the output dim), attention.dense, mlp.fc (gate_proj),
 mlp.gate (up_proj), mlp.proj (down_proj); SwiGLU is silu(fc(x)) * gate(x).
 """
@@ -101,8 +102,11 @@ class ReferenceLlama:
             gated = torch.nn.functional.silu(self.linear(h, f"{p}.mlp.fc")) * self.linear(h, f"{p}.mlp.gate")
             x = x + self.linear(gated, f"{p}.mlp.proj")
         x = self.norm(x, "transformer.ln_f")
-        head = t.get("lm_head.weight", t["transformer.vocab_embedding.weight"])
-        return x @ head.float().T
+        return self.linear(x, self.head_prefix())
+
+    def head_prefix(self) -> str:
+        """The tensors the logits come from: lm_head, or the embedding table when no lm_head is stored."""
+        return "lm_head" if "lm_head.weight" in self.tensors else "transformer.vocab_embedding"
 
 
 def int8_round_trip(x: Any, scale: Any) -> Any:
@@ -174,5 +178,5 @@ def hf_state_dict(ref: ReferenceLlama) -> dict[str, Any]:
         out[f"{h}.post_attention_layernorm.weight"] = t[f"{p}.post_layernorm.weight"].float()
     out["model.norm.weight"] = t["transformer.ln_f.weight"].float()
     out["model.embed_tokens.weight"] = t["transformer.vocab_embedding.weight"].float()
-    out["lm_head.weight"] = t.get("lm_head.weight", t["transformer.vocab_embedding.weight"]).float()
+    out["lm_head.weight"] = folded(ref.head_prefix())
     return out

@@ -52,8 +52,15 @@ def _versions() -> dict[str, str]:
 def build(checkpoint: Path, plan_path: Path, out: Path, force: bool = False) -> Path:
     source = verify_manifest(checkpoint, kind="trtllm-checkpoint", backend="trtllm")
     plan = load_plan(plan_path)
-    if source["quantization"].get("kv_cache") == "int8" and plan.get("kv_dtype") != "int8":
-        raise ConfigError("the checkpoint has an INT8 KV cache but the plan assumes fp16: re-plan with --kv-dtype int8")
+    quantization = source["quantization"]
+    kv_cache, planned_kv = quantization.get("kv_cache", "fp16"), plan.get("kv_dtype", "fp16")
+    if kv_cache != planned_kv:  # the plan's flags differ for INT8 KV (no paged context FMHA) and its memory too
+        raise ConfigError(f"the checkpoint has an {kv_cache.upper()} KV cache but the plan assumes {planned_kv}: "
+                          f"re-plan with --kv-dtype {kv_cache}")
+    lm_head, planned_head = quantization.get("lm_head", "fp16"), plan.get("lm_head", "fp16")
+    if lm_head != planned_head:
+        raise ConfigError(f"the checkpoint has an {lm_head.upper()} lm_head but the plan assumes {planned_head}: "
+                          f"re-plan with --lm-head {lm_head}")
     if out.exists() and any(out.iterdir()) and not force:
         raise ConfigError(f"{out} is not empty (use --force to overwrite)")
     exe = find_trtllm_build()
@@ -89,7 +96,8 @@ def build(checkpoint: Path, plan_path: Path, out: Path, force: bool = False) -> 
                   "max_kv_tokens": plan["kv_tokens"],
                   "use_paged_context_fmha": value.get("--use_paged_context_fmha") == "enable",
                   "seconds": round(time.monotonic() - started, 1)},
-        "plan": {k: plan[k] for k in ("device", "kv_tokens", "kv_dtype", "resident_bytes", "decode_ceiling_tok_s")},
+        "plan": {k: plan.get(k) for k in ("device", "kv_tokens", "kv_dtype", "lm_head", "resident_bytes",
+                                           "decode_ceiling_tok_s")},
         "tools": _versions(),
         "files": file_entries(out),
     })

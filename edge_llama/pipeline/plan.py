@@ -2,9 +2,13 @@
 
 Every figure is computed from the model's shape and the device profile, and printed with its derivation:
 - weights: INT4 linear layers (0.5 byte/parameter) + their FP16 group scales + AWQ pre-quant scales + norms,
-  the FP16 embedding table and the FP16 lm_head (int4_awq leaves lm_head unquantized; TRT-LLM stores it even
-  when the model ties it to the embedding);
+  the FP16 embedding table and the lm_head: FP16 by default, INT4-AWQ with `--lm-head int4` (TRT-LLM stores it
+  even when the model ties it to the embedding). For Llama-3.2-1B the FP16 lm_head is half of the bytes a decoded
+  token reads, so the plan also prints the decode ceiling for each lm_head choice;
 - activations: fixed at build time by max_num_tokens (TensorRT reserves them for the largest shapes);
+- an INT8 KV cache cannot be built with paged context FMHA in TensorRT-LLM 0.12 (builder.py: "Paged Context FMHA
+  doesn't work with int8 kv cache currently."), and without it the runtime has neither chunked context nor KV
+  block reuse, so a whole prompt is one engine step: max_num_tokens becomes max_seq_len (more activations);
 - KV cache: layers x 2 (K and V) x kv_heads x head_dim x bytes per value, per token;
 - runtime overhead (CUDA/TensorRT) and the OS reserve come from the device profile;
 - decode ceiling: a decode step reads every linear weight, the lm_head and the KV cache once, so
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_llama.errors import ConfigError
+from edge_llama.pipeline.quantize import LM_HEAD_CHOICES, LM_HEAD_INT8_REFUSED
 
 GIB = 1024**3
 MIB = 1024**2
@@ -103,6 +108,19 @@ class PlanOptions:
     max_batch: int = 1
     max_seq_len: int = 4096
     max_num_tokens: int = 512
+    lm_head: str = "fp16"  # fp16 | int4 | int8 (a figure only: TensorRT-LLM 0.12 cannot load it)
+    max_draft_len: int = 0  # > 0: an engine that takes prompt-lookup draft tokens (draft_tokens_external)
+
+
+def lm_head_bytes(m: ModelShape, kind: str, group_size: int) -> tuple[int, str]:
+    """Bytes of the lm_head weights ([vocab, hidden]) and how they add up."""
+    weights = m.vocab * m.hidden
+    if kind == "int4":  # W4A16_AWQ like the other layers: packed INT4, FP16 group scales, FP16 pre-quant scale
+        return (weights // 2 + weights // group_size * 2 + m.hidden * 2,
+                f"{m.vocab} x {m.hidden} x 0.5 B + scales / group {group_size} x 2 B + pre-quant {m.hidden} x 2 B")
+    if kind == "int8":  # W8A16: one FP16 scale per output row
+        return weights + m.vocab * 2, f"{m.vocab} x {m.hidden} x 1 B + {m.vocab} row scales x 2 B"
+    return weights * 2, f"{m.vocab} x {m.hidden} x 2 bytes (not quantized)"
 
 
 def plan(opts: PlanOptions) -> dict[str, Any]:
@@ -111,9 +129,23 @@ def plan(opts: PlanOptions) -> dict[str, Any]:
         raise ConfigError(f"unknown device {opts.device!r}; known: {', '.join(table)}")
     if opts.kv_dtype not in ("fp16", "int8"):
         raise ConfigError("--kv-dtype must be fp16 or int8")
+    if opts.lm_head not in LM_HEAD_CHOICES:
+        raise ConfigError(f"--lm-head must be one of {', '.join(LM_HEAD_CHOICES)}")
     dev, m = table[opts.device], load_model(opts.model)
+    if opts.lm_head == "int8" and dev.trtllm_0_12:
+        raise ConfigError(LM_HEAD_INT8_REFUSED)
+    if opts.lm_head == "int4" and m.vocab % opts.group_size:
+        raise ConfigError(f"--lm-head int4: vocab_size {m.vocab} is not a multiple of --group-size {opts.group_size}")
     if opts.max_seq_len > m.max_position:
         raise ConfigError(f"--max-seq-len {opts.max_seq_len} exceeds the model's {m.max_position} positions")
+    if not 0 <= opts.max_draft_len <= 16:
+        raise ConfigError(f"--max-draft-len {opts.max_draft_len} must be between 0 (no drafts) and 16")
+    if opts.max_draft_len and opts.kv_dtype == "int8":
+        # An INT8 KV engine has no paged context FMHA, hence no KV block reuse, and the batch manager requires
+        # block reuse for a draft-token target model ("KV cache block reuse must be enabled for speculative
+        # decoding target model", trtGptModelInflightBatching.cpp of a later release; 0.12's is a binary).
+        raise ConfigError("--max-draft-len needs KV block reuse, which an INT8 KV cache rules out in TensorRT-LLM "
+                          "0.12 (no paged context FMHA): use --kv-dtype fp16 with draft tokens")
     q_dim, kv_dim = m.heads * m.head_dim, m.kv_heads * m.head_dim
     for width in (m.hidden, q_dim, m.intermediate):
         if width % opts.group_size:
@@ -136,7 +168,7 @@ def plan(opts: PlanOptions) -> dict[str, Any]:
                     "per layer: inputs of qkv, dense, fc, gate, proj x 2 bytes")
     norms = step("norms", (2 * m.layers + 1) * m.hidden * 2, "(2 per layer + final) x hidden x 2 bytes")
     embedding = step("embedding (FP16)", m.vocab * m.hidden * 2, f"{m.vocab} x {m.hidden} x 2 bytes")
-    lm_head = step("lm_head (FP16)", m.vocab * m.hidden * 2, f"{m.vocab} x {m.hidden} x 2 bytes (not quantized)")
+    lm_head = step(f"lm_head ({opts.lm_head.upper()})", *lm_head_bytes(m, opts.lm_head, opts.group_size))
     weights = step("weights total", int4 + scales + prequant + norms + embedding + lm_head,
                    "INT4 + scales + pre-quant + norms + embedding + lm_head")
     # TensorRT-LLM maps the engine file (use_mmap=True): the pages it reads while deserializing are clean page
@@ -148,8 +180,14 @@ def plan(opts: PlanOptions) -> dict[str, Any]:
     kv_per_token = step("KV per token", m.layers * 2 * m.kv_heads * m.head_dim * kv_bytes,
                         f"{m.layers} layers x 2 (K,V) x {m.kv_heads} kv heads x {m.head_dim} x {kv_bytes} B")
     act_per_token = (4 * m.hidden + q_dim + 2 * kv_dim + 3 * m.intermediate) * 2
-    activations = step("activations", opts.max_num_tokens * act_per_token + opts.max_batch * m.vocab * 4,
-                       f"max_num_tokens {opts.max_num_tokens} x (4h + q + 2kv + 3i) x 2 B + batch x vocab x 4 B "
+    # Paged context FMHA (chunked context, KV block reuse) is impossible with an INT8 KV cache in 0.12: a prompt is
+    # then one engine step, so the step must hold max_seq_len tokens (the runtime's "Without enabling chunked
+    # context, the max context length needs to be less than or equal to the max number of tokens").
+    paged_context = opts.kv_dtype != "int8"
+    step_tokens = opts.max_num_tokens if paged_context else opts.max_seq_len
+    activations = step("activations", step_tokens * act_per_token + opts.max_batch * m.vocab * 4,
+                       f"{'max_num_tokens' if paged_context else 'max_seq_len (no chunked context with INT8 KV)'} "
+                       f"{step_tokens} x (4h + q + 2kv + 3i) x 2 B + batch x vocab x 4 B "
                        "logits (estimate; TensorRT reuses buffers across layers)")
     overhead = step("runtime overhead", dev.runtime_overhead_gib * GIB, "device profile (CUDA, TensorRT, cuBLAS)")
     budget = step("memory budget", (opts.memory_budget_gib if opts.memory_budget_gib is not None
@@ -170,7 +208,8 @@ def plan(opts: PlanOptions) -> dict[str, Any]:
     max_seq_len = min(opts.max_seq_len, int(kv_tokens))
     resident = step("predicted resident", weights + activations + overhead + kv_tokens * kv_per_token,
                     "weights + activations + runtime overhead + KV budget x KV per token")
-    read_empty = step("bytes read per token", int4 + scales + prequant + norms + lm_head + m.hidden * 2,
+    body = int4 + scales + prequant + norms + m.hidden * 2
+    read_empty = step("bytes read per token", body + lm_head,
                       "INT4 + scales + pre-quant + norms + lm_head + one embedding row")
     read_full = step("bytes read per token at full context", read_empty + max_seq_len * kv_per_token,
                      f"+ {max_seq_len} cached tokens x KV per token")
@@ -180,7 +219,25 @@ def plan(opts: PlanOptions) -> dict[str, Any]:
                         f"{dev.bandwidth_gbs} GB/s / {read_full / GB:.3f} GB", "tokens/s")
     # Building holds the checkpoint weights, the TensorRT network copy and tactic workspaces at once.
     build_peak = step("build peak (estimate)", 2.5 * weights + 1.0 * GIB, "2.5 x weights + 1 GiB workspace")
+    # The same figures for every lm_head choice (not verified on hardware: bandwidth-bound decode assumed).
+    by_lm_head = {}
+    for kind in LM_HEAD_CHOICES:
+        read = body + lm_head_bytes(m, kind, opts.group_size)[0]
+        by_lm_head[kind] = {"bytes_read_per_token": int(read),
+                            "decode_ceiling_tok_s": round(dev.bandwidth_gbs * GB / read, 1),
+                            "loads_in_trtllm_0_12": kind != "int8"}
     warnings = []
+    if not paged_context:
+        fp16_activations = opts.max_num_tokens * act_per_token + opts.max_batch * m.vocab * 4
+        kv_saved = kv_tokens * kv_per_token  # the INT8 cache is half the FP16 one
+        warnings.append(
+            "INT8 KV cache: TensorRT-LLM 0.12 refuses paged context FMHA with it (\"Paged Context FMHA doesn't work "
+            "with int8 kv cache currently.\"), so this plan disables it and you lose chunked context and KV block "
+            "reuse: each prompt is one engine step (max_num_tokens = max_seq_len, activations "
+            f"{(activations - fp16_activations) / MIB:+.0f} MiB) and every turn recomputes the whole conversation "
+            f"instead of reusing its cached prefix; the KV cache saves {kv_saved / MIB:.0f} MiB"
+            + (" -- a net loss of memory here: --kv-dtype fp16 needs less" if activations - fp16_activations > kv_saved
+               else ""))
     if not dev.trtllm_0_12:
         warnings.append(f"{dev.name} (JetPack {dev.jetpack}) is not supported by TensorRT-LLM 0.12-jetson: it runs "
                         "llama.cpp with CUDA (below); the memory figures are for the INT4-AWQ engine, a Q4_K_M GGUF "
@@ -189,36 +246,46 @@ def plan(opts: PlanOptions) -> dict[str, Any]:
         warnings.append(f"building may be OOM-killed on this device (peak ~{build_peak / GIB:.1f} GiB): add swap "
                         "(e.g. 8 GiB on NVMe), stop the desktop, or build on a larger Orin with the same JetPack")
     build_flags = [
-        "--max_batch_size", str(opts.max_batch), "--max_input_len", str(max_seq_len - 1),
-        "--max_seq_len", str(max_seq_len), "--max_num_tokens", str(opts.max_num_tokens), "--max_beam_width", "1",
-        "--remove_input_padding", "enable", "--context_fmha", "enable", "--paged_kv_cache", "enable",
-        "--use_paged_context_fmha", "enable", "--gemm_plugin", "auto", "--gpt_attention_plugin", "auto",
+        "--max_batch_size", str(opts.max_batch), "--max_input_len", str(max_seq_len - 1), "--max_seq_len",
+        str(max_seq_len), "--max_num_tokens", str(opts.max_num_tokens if paged_context else max_seq_len),
+        "--max_beam_width", "1", "--remove_input_padding", "enable", "--context_fmha", "enable",
+        "--paged_kv_cache", "enable", "--use_paged_context_fmha", "enable" if paged_context else "disable",
+        "--gemm_plugin", "auto", "--gpt_attention_plugin", "auto",
         "--tokens_per_block", str(tokens_per_block), "--multiple_profiles", "disable", "--workers", "1",
     ]
+    if opts.max_draft_len:  # the engine's max_seq_len grows by the draft length (trtllm-build does it)
+        build_flags += ["--speculative_decoding_mode", "draft_tokens_external", "--max_draft_len",
+                        str(opts.max_draft_len)]
     return {
         "schema": 1, "device": asdict(dev), "model": asdict(m), "options": asdict(opts),
-        "kv_tokens": int(kv_tokens), "max_seq_len": max_seq_len, "kv_dtype": opts.kv_dtype,
+        "kv_tokens": int(kv_tokens), "max_seq_len": max_seq_len, "kv_dtype": opts.kv_dtype, "lm_head": opts.lm_head,
         "weights_bytes": int(weights), "kv_bytes_per_token": int(kv_per_token), "activations_bytes": int(activations),
         "resident_bytes": int(resident), "headroom_bytes": int(budget - resident),
         "bytes_read_per_token": int(read_empty), "decode_ceiling_tok_s": round(ceiling, 1),
         "decode_ceiling_full_context_tok_s": round(ceiling_full, 1), "build_peak_bytes": int(build_peak),
+        "by_lm_head": by_lm_head,
         "trtllm_build_flags": build_flags, "runtime": {"engine.kv_tokens": int(kv_tokens)},
-        "engine_file_bytes": int(engine_file), "backend": serving_backend(dev, m, int(kv_tokens)),
+        "engine_file_bytes": int(engine_file), "backend": serving_backend(dev, m, int(kv_tokens), opts),
         "derivation": steps, "warnings": warnings,
     }
 
 
-def serving_backend(dev: Device, m: ModelShape, kv_tokens: int) -> dict[str, Any]:
+def serving_backend(dev: Device, m: ModelShape, kv_tokens: int, opts: PlanOptions) -> dict[str, Any]:
     """Which backend serves on `dev`, with the commands that set it up and the config that uses it."""
     if dev.trtllm_0_12:
         engine = f"/var/lib/edge-llama-models/{m.name}"
+        quantize_flags = (" --kv-int8" if opts.kv_dtype == "int8" else "") + (
+            f" --lm-head {opts.lm_head}" if opts.lm_head != "fp16" else "")
+        plan_flags = (" --kv-dtype int8" if opts.kv_dtype == "int8" else "") + (
+            f" --lm-head {opts.lm_head}" if opts.lm_head != "fp16" else "")
         return {
             "name": "trtllm",
             "why": f"TensorRT-LLM 0.12.0-jetson runs on {dev.name} (JetPack {dev.jetpack}, Python 3.10)",
             "commands": [
                 "sudo deploy/install.sh --trtllm-wheel tensorrt_llm-0.12.0-cp310-cp310-linux_aarch64.whl",
-                f"edge-llama quantize --model {m.name} --out {m.name}-awq        # any machine; a CUDA GPU is fastest",
-                f"edge-llama plan --device {dev.key} --json > plan.json",
+                f"edge-llama quantize --model {m.name} --out {m.name}-awq{quantize_flags}"
+                "        # any machine; a CUDA GPU is fastest",
+                f"edge-llama plan --device {dev.key}{plan_flags} --json > plan.json",
                 f"edge-llama build --checkpoint {m.name}-awq --plan plan.json --out {engine}   # on the device",
             ],
             "config": {"engine.backend": "trtllm", "engine.model": engine, "engine.kv_tokens": kv_tokens},
@@ -249,8 +316,8 @@ def format_plan(p: dict[str, Any]) -> str:
         return f"  {s['name']:<38} {text:>14}   {s['how']}"
 
     d, m = p["device"], p["model"]
-    lines = [f"plan: {m['name']} INT4-AWQ (group {p['options']['group_size']}) on {d['name']} "
-             f"({d['memory_gib']} GiB, {d['bandwidth_gbs']} GB/s)", ""]
+    lines = [f"plan: {m['name']} INT4-AWQ (group {p['options']['group_size']}, lm_head {p['lm_head']}) on "
+             f"{d['name']} ({d['memory_gib']} GiB, {d['bandwidth_gbs']} GB/s)", ""]
     lines += [show(s) for s in p["derivation"]]
     lines += ["", f"recommended runtime:  engine.kv_tokens: {p['kv_tokens']}   (KV cache {p['kv_dtype']}, "
                   f"{p['kv_tokens'] * p['kv_bytes_per_token'] / MIB:.0f} MiB)",
@@ -258,7 +325,11 @@ def format_plan(p: dict[str, Any]) -> str:
               f"{p['headroom_bytes'] / GIB:.2f} GiB in the budget",
               f"decode ceiling:       {p['decode_ceiling_tok_s']} tok/s (empty context), "
               f"{p['decode_ceiling_full_context_tok_s']} tok/s (full context)",
-              "trtllm-build flags:   " + " ".join(p["trtllm_build_flags"]),
+              "decode ceiling by lm_head (bandwidth bound; not verified on hardware):"]
+    lines += [f"  {kind:<5} {c['bytes_read_per_token'] / GB:.3f} GB/token {c['decode_ceiling_tok_s']:>7} tok/s"
+              + ("" if c["loads_in_trtllm_0_12"] else "   TensorRT-LLM 0.12 cannot load it")
+              for kind, c in p["by_lm_head"].items()]
+    lines += ["trtllm-build flags:   " + " ".join(p["trtllm_build_flags"]),
               f"backend:              {p['backend']['name']} ({p['backend']['why']})"]
     lines += [f"  $ {command}" for command in p["backend"]["commands"]]
     lines += ["  config: " + ", ".join(f"{k}: {'null' if v is None else v}" for k, v in p["backend"]["config"].items())]

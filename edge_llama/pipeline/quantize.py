@@ -1,12 +1,12 @@
 """`edge-llama quantize`: a Hugging Face Llama checkpoint -> an INT4-AWQ TensorRT-LLM checkpoint + manifest.
 
 nvidia-modelopt's INT4_AWQ_CFG (awq_lite: per-channel activation-aware scales searched on calibration text, then
-4-bit symmetric weights in groups of `block_size` input channels) is applied to every linear layer except
-lm_head; `export_tensorrt_llm_checkpoint` writes config.json + rank0.safetensors, the input of `trtllm-build`.
-q/k/v and gate/up are calibrated as the fused layers TensorRT-LLM runs them as, and AWQ's clip search follows
-(awq_fused), so the exported checkpoint computes exactly what was calibrated. Runs on CUDA when present, else
-on the CPU (slower, same result format). Checks that need no heavy import run first, so a wrong folder fails in
-a second, not after loading torch.
+4-bit symmetric weights in groups of `block_size` input channels) is applied to every linear layer of the decoder,
+and with `--lm-head int4` the same search quantizes lm_head (awq_head); `export_tensorrt_llm_checkpoint` writes
+config.json + rank0.safetensors, the input of `trtllm-build`. q/k/v and gate/up are calibrated as the fused layers
+TensorRT-LLM runs them as, and AWQ's clip search follows (awq_fused), so the exported checkpoint computes exactly
+what was calibrated. Runs on CUDA when present, else on the CPU (slower, same result format). Checks that need no
+heavy import run first, so a wrong folder fails in a second, not after loading torch.
 """
 
 from __future__ import annotations
@@ -28,12 +28,31 @@ from edge_llama import __version__
 from edge_llama.errors import ConfigError, ModelError
 from edge_llama.manifest import file_entries, hash_files, write_manifest
 from edge_llama.pipeline.awq_fused import clip_search, fuse_shared_inputs, round_pre_quant_scales, unfuse
+from edge_llama.pipeline.awq_head import quantize_head
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 # awq_lite fake-quantizes every weight once per alpha per forward call, whatever the batch holds: several
 # sequences per call made it 1.5x faster on a 2-core CPU (381 s -> 245 s), with the same statistics.
 TOKENS_PER_FORWARD = 2048
 MODELOPT_VERSION = "0.47.0"  # export_tensorrt_llm_checkpoint is deprecated in 0.48 and removed in 0.49
+
+# How TensorRT-LLM 0.12 decides which layers of a W4A16_AWQ checkpoint are quantized (tensorrt_llm/quantization/
+# quantize.py quantize_layers, L26-33 of 0.12.0.dev2024080600; quotes and sources in
+# tests/data/trtllm_0_12_build.json): `exclude_modules = quant_config.exclude_modules or [defaults]`, matched with
+# fnmatchcase against module names. An EMPTY list therefore means the defaults, which exclude '*lm_head'.
+# modelopt 0.47 writes `exclude_modules: []` when every linear layer is quantized, so 0.12 would build an FP16
+# lm_head and then fail to load the INT4 one. With a quantized lm_head we write 0.12's defaults without '*lm_head'.
+TRTLLM_0_12_DEFAULT_EXCLUDES = ["*lm_head", "*router", "*vocab_embedding", "*position_embedding",
+                                "*block_embedding", "*shared_expert_gate"]
+LM_HEAD_CHOICES = ("fp16", "int8", "int4")
+# Why --lm-head int8 is refused (sources in tests/data/trtllm_0_12_build.json): a 0.12 checkpoint has ONE
+# quant_algo (QuantConfig); MIXED_PRECISION with per-layer quant_cfg.json, which an INT8 lm_head next to INT4-AWQ
+# layers needs, is absent from 0.12's QuantAlgo (0.15 release notes: "Added AutoQ (mixed precision) support"), and
+# under W4A16_AWQ 0.12's preprocess_weights reads every int8 `*weight` as packed INT4.
+LM_HEAD_INT8_REFUSED = (
+    "--lm-head int8: TensorRT-LLM 0.12 cannot load an INT8 lm_head next to INT4-AWQ layers: its checkpoint has one "
+    "quant_algo (W4A16_AWQ here), the MIXED_PRECISION algorithm with per-layer configs arrived in 0.15, and 0.12 "
+    "would read an int8 lm_head weight as packed INT4. Use --lm-head int4 (quantized like the other layers) or fp16")
 
 
 @dataclass(frozen=True)
@@ -47,6 +66,7 @@ class QuantizeOptions:
     kv_int8: bool = False
     alpha_step: float = 0.05  # awq_lite's grid over alpha in [0, 1]; modelopt's default 0.1 halves the search time
     clip: bool = True  # AWQ's per-group weight-clip search after the scale search (seconds; see awq_fused)
+    lm_head: str = "fp16"  # fp16 | int4 (AWQ like the other layers) | int8 (refused: TensorRT-LLM 0.12 cannot load it)
     device: str = "auto"  # auto | cuda | cpu
     force: bool = False  # overwrite a non-empty output folder
 
@@ -96,6 +116,18 @@ def check_block_size(config: dict[str, Any], block_size: int) -> None:
             fits = [b for b in (128, 64, 32) if all(w % b == 0 for w in layer_widths(config).values())]
             raise ConfigError(f"--block-size {block_size} does not divide {name} = {width}"
                               + (f"; use --block-size {fits[0]}" if fits else ""))
+
+
+def check_lm_head(config: dict[str, Any], lm_head: str, block_size: int) -> None:
+    if lm_head not in LM_HEAD_CHOICES:
+        raise ConfigError(f"--lm-head {lm_head}: choose one of {', '.join(LM_HEAD_CHOICES)}")
+    if lm_head == "int8":
+        raise ConfigError(LM_HEAD_INT8_REFUSED)
+    # modelopt 0.47 silently keeps lm_head unquantized when its rows are not a multiple of the group
+    # (export/postprocess.py update_lm_head_quantization): say so instead.
+    if lm_head == "int4" and config["vocab_size"] % block_size:
+        raise ConfigError(f"--lm-head int4: vocab_size {config['vocab_size']} is not a multiple of --block-size "
+                          f"{block_size}, and the exporter would keep lm_head in FP16")
 
 
 def calibration_text(source: str) -> str:
@@ -149,10 +181,30 @@ def fix_rope_config(model: Any, hf_config: dict[str, Any]) -> None:
     model.config.rope_theta = theta
 
 
-def patch_exported_config(out: Path, hf_config: dict[str, Any]) -> dict[str, Any]:
-    """Make the exported config carry the model's RoPE base and Llama-3 rope scaling, whatever the exporter did."""
+def untie_lm_head(model: Any) -> None:
+    """Give lm_head its own weight before AWQ edits it in place (modelopt's awq_lite copies the searched scale into
+    the weight): tied to the embedding (Llama-3.2-1B, SmolLM2), that would rescale the embedding table too. The
+    export stores lm_head and vocab_embedding separately either way."""
+    import torch
+
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head.weight is embedding.weight:
+        head.weight = torch.nn.Parameter(embedding.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+
+
+def patch_exported_config(out: Path, hf_config: dict[str, Any], lm_head: str = "fp16") -> dict[str, Any]:
+    """Make the exported config carry the model's RoPE base and Llama-3 rope scaling, whatever the exporter did,
+    and the exclude_modules that make TensorRT-LLM 0.12 quantize exactly the layers that were quantized."""
     path = out / "config.json"
     config = json.loads(path.read_text())
+    quantization = config.get("quantization") or {}
+    if quantization.get("quant_algo") != "W4A16_AWQ" or (out / "quant_cfg.json").exists():
+        raise ModelError(f"the exporter wrote quant_algo {quantization.get('quant_algo')!r}"
+                         + (" with quant_cfg.json" if (out / "quant_cfg.json").exists() else "")
+                         + "; TensorRT-LLM 0.12 needs one W4A16_AWQ format for every quantized layer")
+    quantization["exclude_modules"] = (["lm_head"] if lm_head == "fp16" else
+                                       [p for p in TRTLLM_0_12_DEFAULT_EXCLUDES if p != "*lm_head"])
     rope = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
     config["rotary_base"] = float(hf_config.get("rope_theta") or rope.get("rope_theta") or 10000.0)
     kind = rope.get("rope_type") or rope.get("type")
@@ -191,6 +243,7 @@ def calibrate(opts: QuantizeOptions) -> Calibrated:
     """Load the checkpoint and run AWQ calibration (the slow part)."""
     hf_config = read_hf_config(opts.model)
     check_block_size(hf_config, opts.block_size)
+    check_lm_head(hf_config, opts.lm_head, opts.block_size)
     if not 0 < opts.alpha_step <= 0.5:
         raise ConfigError(f"--alpha-step {opts.alpha_step:g} must be in (0, 0.5]")
     text = calibration_text(opts.calib)
@@ -220,10 +273,14 @@ def calibrate(opts: QuantizeOptions) -> Calibrated:
                     m(batch.to(device))
                     bar.update(batch.shape[0])
 
+    if opts.lm_head == "int4":
+        untie_lm_head(model)
     # One scale per fused group (q/k/v, gate/up), fp16-exact, then the clip search: see awq_fused.
     fuse_shared_inputs(model)
     mtq.quantize(model, awq_config(opts.block_size, opts.kv_int8, opts.alpha_step), forward_loop)
     unfuse(model)
+    if opts.lm_head == "int4":  # awq_lite's search, scored from second moments (awq_head: ~10x cheaper here)
+        quantize_head(model, batches, device, partial(tqdm, file=sys.stderr), opts.block_size, opts.alpha_step)
     round_pre_quant_scales(model)
     if opts.clip:
         clip_search(model, batches, device, partial(tqdm, file=sys.stderr))
@@ -246,14 +303,14 @@ def export(calibrated: Calibrated, opts: QuantizeOptions) -> Path:
     fix_rope_config(calibrated.model, calibrated.hf_config)
     with tqdm(total=2, desc="export", unit="step", file=sys.stderr) as bar, warnings.catch_warnings():
         # Expected and misleading here: without tensorrt_llm modelopt writes config.json itself (what we rely
-        # on), and its lm_head warning fires although lm_head stays fp16 (exclude_modules: ["lm_head"]).
+        # on), and its lm_head warning fires whenever lm_head has quantizers, enabled (--lm-head int4) or not.
         warnings.filterwarnings("ignore", message="Cannot export tensorrt_llm checkpoint config")
         warnings.filterwarnings("ignore", message="Enable lm_head quantization")
         with torch.no_grad():
             export_tensorrt_llm_checkpoint(calibrated.model, "llama", dtype=torch.float16, export_dir=opts.out,
                                            inference_tensor_parallel=1, inference_pipeline_parallel=1)
         bar.update()
-        trt_config = patch_exported_config(opts.out, calibrated.hf_config)
+        trt_config = patch_exported_config(opts.out, calibrated.hf_config, opts.lm_head)
         for name in TOKENIZER_FILES:  # the runtime tokenizes with these (TRT-LLM does not)
             if (opts.model / name).exists():
                 shutil.copy2(opts.model / name, opts.out / name)
@@ -263,7 +320,7 @@ def export(calibrated: Calibrated, opts: QuantizeOptions) -> Path:
         "source_model": {"path": str(opts.model), "sha256": hash_files(opts.model, source_files)},
         "quantization": {"algo": trt_config.get("quantization", {}).get("quant_algo", "W4A16_AWQ"),
                          "group_size": opts.block_size, "method": opts.method,
-                         "kv_cache": "int8" if opts.kv_int8 else "fp16"},
+                         "kv_cache": "int8" if opts.kv_int8 else "fp16", "lm_head": opts.lm_head},
         "calibration": {"source": opts.calib, "sequences": calibrated.sequences, "seq_len": opts.calib_seq_len,
                         "device": calibrated.device, "dtype": calibrated.dtype},
         "model": {k: trt_config.get(k) for k in ("architecture", "hidden_size", "num_hidden_layers",
@@ -279,7 +336,7 @@ def export(calibrated: Calibrated, opts: QuantizeOptions) -> Path:
 
 def quantize(opts: QuantizeOptions) -> Path:
     """The whole step (checks, calibration, export); returns the manifest path."""
-    read_hf_config(opts.model)
+    check_lm_head(read_hf_config(opts.model), opts.lm_head, opts.block_size)
     if opts.out.exists() and any(opts.out.iterdir()) and not opts.force:
         raise ConfigError(f"{opts.out} is not empty (use --force to overwrite)")
     started = time.monotonic()
