@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from edge_llama.client import Client, ConnectionLost
 from edge_llama.config import state_dir
-from edge_llama.errors import BadRequest, EdgeLlamaError, Unavailable
+from edge_llama.errors import BadRequest, EdgeLlamaError, NotFound, Unavailable
 
 T = TypeVar("T")
 RECONNECT_S = 30.0  # how long the prompt waits for a restarting daemon (a model load takes seconds)
@@ -230,7 +230,8 @@ def _handle(link: Link, args: argparse.Namespace, session: str, command: str, te
     if command == "/help":
         print(HELP)
     elif command == "/reset":
-        link.run(lambda c: c.call({"op": "forget", "session": session}))
+        with contextlib.suppress(NotFound):  # nothing stored yet: nothing to forget
+            link.run(lambda c: c.call({"op": "forget", "session": session}))
         print("[conversation forgotten; new conversation]")
         return True
     elif command == "/stats":

@@ -33,6 +33,7 @@ examples:
   edge-llama voice                              # talk to it: microphone -> Whisper -> daemon -> speech
   edge-llama voice --input-wav question.wav --output-wav answer.wav
   edge-llama transcribe recording.wav           # speech to text with the embedded Whisper tiny.en
+  edge-llama wyoming --uri tcp://0.0.0.0:10700  # speech and the assistant for Home Assistant (Wyoming)
 
 The socket is --socket, else $EDGE_LLAMA_SOCKET, else /run/edge-llama/edge-llama.sock under systemd,
 else $XDG_RUNTIME_DIR/edge-llama/edge-llama.sock (or /tmp/edge-llama-$UID/edge-llama.sock).
@@ -102,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--no-clip", dest="clip", action="store_false",
                        help="skip AWQ's per-group weight-clip search (on by default; it takes seconds and lowers "
                        "the INT4 error)")
+    quant.add_argument("--lm-head", choices=["fp16", "int8", "int4"], default="fp16",
+                       help="lm_head precision: fp16 (default), int4 (AWQ like the other layers; the largest term "
+                       "in bytes read per token), int8 (refused: TensorRT-LLM 0.12 cannot load it, the error says why)")
     quant.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     quant.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
 
@@ -115,11 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--memory-budget", type=float, metavar="GiB", help="memory for edge-llama (default: device "
                       "memory minus the OS reserve)")
     plan.add_argument("--group-size", type=int, default=128)
-    plan.add_argument("--kv-dtype", choices=["fp16", "int8"], default="fp16")
+    plan.add_argument("--kv-dtype", choices=["fp16", "int8"], default="fp16",
+                      help="int8 halves the KV cache but TensorRT-LLM 0.12 then builds without paged context FMHA: "
+                      "no chunked context, no KV block reuse (the plan says what it costs)")
+    plan.add_argument("--lm-head", choices=["fp16", "int8", "int4"], default="fp16",
+                      help="lm_head precision of the checkpoint (`edge-llama quantize --lm-head`); the plan prints "
+                      "the decode ceiling of each choice")
     plan.add_argument("--max-seq-len", type=int, default=4096, metavar="TOKENS")
     plan.add_argument("--max-batch", type=int, default=1)
     plan.add_argument("--max-num-tokens", type=int, default=512, metavar="TOKENS",
                       help="tokens per engine step (sets activation memory)")
+    plan.add_argument("--max-draft-len", type=int, default=0, metavar="N",
+                      help="build for prompt-lookup drafts of up to N tokens (TensorRT-LLM draft_tokens_external; "
+                      "greedy replies only; 0 = off)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON (input of `edge-llama build`)")
 
     bld = sub.add_parser("build", help="run trtllm-build with a plan (on the Jetson)",
@@ -185,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("file", metavar="FILE.wav")
     transcribe.add_argument("--config", metavar="FILE", help="YAML config; its voice: section applies")
     transcribe.add_argument("--asr-model", metavar="DIR", help="CTranslate2 Whisper folder")
+    from edge_llama.wyoming.server import add_parser as add_wyoming_parser
+
+    add_wyoming_parser(sub)
     return parser
 
 
@@ -203,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
             from edge_llama.voice.cli import run_transcribe, run_voice
 
             return run_voice(args) if args.command == "voice" else run_transcribe(args)
+        if args.command == "wyoming":
+            from edge_llama.wyoming.server import run_wyoming
+
+            return run_wyoming(args)
         sock = Path(args.socket) if args.socket else default_socket_path()
         if args.command == "chat":
             from edge_llama.chat import run_chat
@@ -240,7 +259,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         manifest = quantize(QuantizeOptions(
             model=args.model, out=args.out, block_size=args.block_size, calib=args.calib,
             calib_size=args.calib_size, calib_seq_len=args.calib_seq_len, kv_int8=args.kv_int8,
-            alpha_step=args.alpha_step, clip=args.clip, device=args.device, force=args.force))
+            alpha_step=args.alpha_step, clip=args.clip, lm_head=args.lm_head, device=args.device, force=args.force))
         print(manifest)
         return 0
     if args.command == "plan":
@@ -250,7 +269,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
         result = plan(PlanOptions(device=args.device, model=args.model, memory_budget_gib=args.memory_budget,
                                   group_size=args.group_size, kv_dtype=args.kv_dtype, max_batch=args.max_batch,
-                                  max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens))
+                                  max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens,
+                                  lm_head=args.lm_head, max_draft_len=args.max_draft_len))
         print(json.dumps(result, indent=2) if args.json else format_plan(result))
         return 0
     from edge_llama.pipeline.build import build

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from edge_llama.config import check_private_dir, per_user_socket_path
 from edge_llama.errors import EdgeLlamaError, Unavailable, from_wire
 
 _ids = itertools.count(1)
@@ -27,6 +28,10 @@ class ConnectionLost(Unavailable):
 class Client:
     def __init__(self, path: str | os.PathLike[str], timeout: float | None = None) -> None:
         self.path = Path(path)
+        if self.path.parent == per_user_socket_path().parent:
+            # Another user who made /tmp/edge-llama-$UID first would be listening there: refuse (ConfigError,
+            # with the reason) before anything is sent, as the daemon refuses to serve there.
+            check_private_dir(self.path.parent, create=False)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:

@@ -48,7 +48,10 @@ class EngineConfig:
     # llamacpp: layers offloaded to the GPU (llama.cpp's n_gpu_layers). None = all of them when llama-cpp-python
     # was built with CUDA (a Jetson), none otherwise; 0 = the CPU only.
     gpu_layers: int | None = None
-    batch_tokens: int = 64  # prompt tokens per decode call; cancellation is checked between calls
+    batch_tokens: int = 512  # prompt tokens per decode call; llamacpp stops one between graph nodes on cancel
+    # llamacpp: prompt-lookup speculative decoding (drafts copied from the prompt, verified in one batch); the
+    # same tokens (greedy) or the same distribution (sampling) as "off"
+    speculative: Literal["off", "ngram"] = "ngram"
     chat_template: str | None = None  # None = the model's own; else a built-in name or a .jinja file path
     fake: FakeEngineConfig = field(default_factory=FakeEngineConfig)
 
@@ -71,6 +74,23 @@ class ServerConfig:
     allow_users: list[int | str] | None = None
     allow_groups: list[int | str] | None = None
     engine_stall_s: float = 60.0  # an engine call without progress this long stops the systemd watchdog pings
+    # A client that reads nothing of what we send for this long is dropped and its requests cancelled (its engine
+    # turn ends, the queue behind it is served).
+    write_timeout_s: float = 30.0
+    max_connections: int = 64  # connections served at once; more get one refusal (busy / 503) and are closed
+    # HTTP: the Host names served besides localhost, 127.0.0.1 and [::1] (e.g. the Jetson's name when a TCP relay
+    # publishes the socket); other Hosts get 421, so a web page cannot reach the daemon by DNS rebinding.
+    http_hosts: list[str] = field(default_factory=list)
+    # HTTP: browser origins allowed to call the API (e.g. "http://jetson.local:8080"); a request from any other
+    # Origin gets 403, so a web page the operator opens cannot use the daemon (CSRF).
+    http_origins: list[str] = field(default_factory=list)
+    # HTTP: a file holding a bearer token; when set, every HTTP request needs `Authorization: Bearer <token>`
+    # (checked in constant time). For the TCP relay, where the peer's uid says nothing about who is calling.
+    http_token_file: str | None = None
+    # Peers in these groups relay the network (the TCP relay unit): they may speak only HTTP, where the checks above
+    # apply; a protocol v1 line from them is refused (it would bypass the token). None = the group edge-llama-relay,
+    # where it exists (deploy/install.sh creates it and runs the relay in it).
+    http_only_groups: list[int | str] | None = None
 
 
 @dataclass(frozen=True)
@@ -96,13 +116,18 @@ class SafetyRule:
     category: str
     block: float | None = None
     flag: float | None = None
-    on: list[Literal["input", "output"]] = field(default_factory=lambda: ["input", "output"])
+    # input: what users send; output: what the model writes; tool: tools' results, on their way into the prompt.
+    # A category may have several rules; for each side the first rule naming it applies.
+    on: list[Literal["input", "output", "tool"]] = field(default_factory=lambda: ["input", "output"])
 
 
 def _default_rules() -> list[SafetyRule]:
     return [SafetyRule("offensive", block=0.9, flag=0.6),
-            # Flag-only: the injection model also fires on ordinary instructions (see its model card).
-            SafetyRule("injection", flag=0.9, on=["input"])]
+            # Flag-only on what users send: the injection model also fires on ordinary instructions (see its
+            # model card), and users instruct on purpose. A tool's result (a web page, a sensor's label) is data:
+            # one that reads like an instruction is the classic prompt injection, so it blocks.
+            SafetyRule("injection", flag=0.9, on=["input"]),
+            SafetyRule("injection", block=0.9, on=["tool"])]
 
 
 @dataclass(frozen=True)
@@ -157,11 +182,25 @@ class VoiceConfig:
     tts_voice: str | None = None
     espeak_voice: str = "en-us"
     speech_rate_wpm: int = 175  # espeak-ng words per minute
-    # The daemon: answers are asked in one session; the system prompt is sent with the first message.
+    # The daemon: answers are asked in one session; the system prompt is sent with every message.
     system_prompt: str = ("You are a voice assistant. Answer in one to three short spoken sentences, in plain "
                           "words: no lists, no markdown, no emoji.")
     max_tokens: int = 160  # reply budget of one spoken answer
     daemon_wait_s: float = 30.0  # how long to wait (and retry) for a daemon that is not running yet
+
+
+@dataclass(frozen=True)
+class WyomingConfig:
+    """`edge-llama wyoming`, Home Assistant's speech and conversation protocol (a client of the daemon; the daemon
+    never reads this section). ASR, TTS, the system prompt and the answer length come from voice:."""
+
+    # tcp://HOST:PORT (0.0.0.0 or the LAN address for Home Assistant on another host) or unix://PATH
+    uri: str = "tcp://127.0.0.1:10700"
+    zeroconf: str | None = None  # announce the server on mDNS (_wyoming._tcp) under this name; tcp:// only
+    max_connections: int = 8  # clients served at once; one more gets an `error` event and is closed
+    max_utterance_s: float = 30.0  # audio of one transcription beyond this is cut off, with an `error` event
+    max_payload_bytes: int = 1 << 20  # one event's data or audio; a larger one closes the connection
+    max_text_chars: int = 8000  # one synthesize (all its chunks when streamed) or one transcript to answer
 
 
 @dataclass(frozen=True)
@@ -172,6 +211,7 @@ class Config:
     summarize: SummarizeConfig = field(default_factory=SummarizeConfig)
     safety: SafetyConfig = field(default_factory=SafetyConfig)
     voice: VoiceConfig = field(default_factory=VoiceConfig)
+    wyoming: WyomingConfig = field(default_factory=WyomingConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
@@ -184,6 +224,8 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start})") from exc
     return loads(text, source=str(path))
 
 
@@ -338,6 +380,21 @@ def _voice_rules(v: VoiceConfig) -> list[tuple[str, bool, str]]:
     ]
 
 
+def _wyoming_rules(w: WyomingConfig) -> list[tuple[str, bool, str]]:
+    scheme, _, rest = w.uri.partition("://")
+    host, _, port = rest.rpartition(":")
+    tcp_ok = scheme == "tcp" and bool(host.strip("[]")) and port.isdigit() and int(port) <= 65535
+    return [
+        ("wyoming.uri", tcp_ok or (scheme == "unix" and bool(rest)), "must be tcp://HOST:PORT or unix://PATH"),
+        ("wyoming.zeroconf", w.zeroconf is None or (bool(w.zeroconf.strip()) and scheme == "tcp"),
+         "must be a name, and needs a tcp:// uri"),
+        ("wyoming.max_connections", 1 <= w.max_connections <= 256, "must be between 1 and 256"),
+        ("wyoming.max_utterance_s", 1 <= w.max_utterance_s <= 30, "must be between 1 and 30 (Whisper hears 30 s)"),
+        ("wyoming.max_payload_bytes", 4096 <= w.max_payload_bytes <= 1 << 26, "must be between 4096 and 64 MiB"),
+        ("wyoming.max_text_chars", 1 <= w.max_text_chars <= 100_000, "must be between 1 and 100000"),
+    ]
+
+
 def _checked(config: Config) -> Config:
     """Range checks that types cannot express, each naming its key."""
     e, s, g = config.engine, config.server, config.generation
@@ -355,6 +412,13 @@ def _checked(config: Config) -> Config:
         ("server.shutdown_grace_s", s.shutdown_grace_s >= 0, "must not be negative"),
         ("server.engine_stall_s", s.engine_stall_s > 0, "must be positive"),
         ("server.stream_interval_ms", 0 <= s.stream_interval_ms <= 1000, "must be between 0 and 1000"),
+        ("server.write_timeout_s", 0 < s.write_timeout_s <= 30, "must be in (0, 30]"),
+        ("server.max_connections", s.max_connections >= 1, "must be at least 1"),
+        ("server.http_hosts", all(h and "/" not in h and " " not in h for h in s.http_hosts),
+         "must be host names (no scheme, path or spaces), e.g. jetson.local"),
+        ("server.http_origins", all(o.startswith(("http://", "https://")) and o.count("/") == 2
+                                    for o in s.http_origins),
+         "must be origins such as http://jetson.local:8080 (scheme, host, optional port; no path)"),
         ("generation.max_tokens", 1 <= g.max_tokens <= g.max_tokens_ceiling,
          "must be between 1 and generation.max_tokens_ceiling"),
         ("generation.temperature", 0.0 <= g.temperature <= 2.0, "must be between 0 and 2"),
@@ -364,6 +428,7 @@ def _checked(config: Config) -> Config:
         ("safety.rules", all(0 <= (t if t is not None else 0) <= 1 for r in config.safety.rules
                              for t in (r.block, r.flag)), "thresholds must be between 0 and 1"),
         *_voice_rules(config.voice),
+        *_wyoming_rules(config.wyoming),
     ]
     for key, ok, why in rules:
         if not ok:

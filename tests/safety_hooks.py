@@ -30,3 +30,15 @@ class SlowKeywordHook(KeywordHook):
 
         time.sleep(0.6)
         return super().scores(texts, kind)
+
+
+class ExplodingHook:
+    """A hook whose constructor fails with something other than an EdgeLlamaError (a missing model file, say)."""
+
+    name = "exploding"
+
+    def __init__(self) -> None:
+        raise RuntimeError("the hook's model is missing")
+
+    def scores(self, texts, kind):  # type: ignore[no-untyped-def]
+        return [{} for _ in texts]

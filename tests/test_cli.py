@@ -97,7 +97,7 @@ def test_interactive_chat_streams_cancels_and_resets(daemons: Daemons) -> None:
     child.sendintr()
     child.expect(r"\[answer stopped\]")
     child.expect(">>> ")
-    sessions = daemons.workdir / "state" / "sessions"
+    sessions = daemons.workdir / "state" / "sessions" / str(os.getuid())  # this uid's namespace
     assert len(list(sessions.glob("*.json"))) == 1
     child.sendline("/reset")
     child.expect(r"\[conversation forgotten; new conversation\]")
@@ -132,7 +132,7 @@ def test_interactive_chat_goes_on_after_the_daemon_restarts(daemons: Daemons) ->
     child.expect(">>> ")
     child.sendline("/exit")
     child.expect(pexpect.EOF)
-    stored = json.loads((daemons.workdir / "state" / "sessions" / "s.json").read_text())
+    stored = json.loads((daemons.workdir / "state" / "sessions" / str(os.getuid()) / "s.json").read_text())
     assert [m["content"] for m in stored["messages"]] == ["one", "You said: one", "two", "You said: two"]
 
 

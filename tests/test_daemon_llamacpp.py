@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from importlib.resources import files
 
@@ -39,7 +40,7 @@ def test_session_survives_restart_and_sigkill(daemons: Daemons) -> None:
     with Client(d2.socket) as c:
         _, done, _ = chat(c, "What is my dog called?", session="s1", temperature=0, max_tokens=30)
         assert done["usage"]["prompt_tokens"] > 40  # the first exchange is in the prompt again
-        stored = (daemons.workdir / "state" / "sessions" / "s1.json").read_text()
+        stored = (daemons.workdir / "state" / "sessions" / str(os.getuid()) / "s1.json").read_text()
     assert "Pixel" in stored and "What is my dog called?" in stored
 
 
@@ -69,3 +70,17 @@ def test_summarize_text_ten_times_the_kv_budget(daemons: Daemons) -> None:
     assert done["chunks"] >= 10
     assert [p["done"] for p in progress] == list(range(done["chunks"] + 2))
     assert "".join(e["text"] for e in events if e["event"] == "token").strip()
+
+
+def test_speculative_decoding_changes_no_reply(daemons: Daemons) -> None:
+    """engine.speculative only changes speed: the same replies, greedy and seeded-sampled, with and without it."""
+    sample = files("edge_llama").joinpath("data/sample.txt").read_text(encoding="utf-8")
+    replies = []
+    for mode in ("off", "ngram"):
+        d = daemons.start({"engine": {"kv_tokens": 2048, "speculative": mode}})
+        with Client(d.socket) as c:
+            replies.append([chat(c, f"{sample}\n\nSummarize this text.", max_tokens=96, **sampling)[0]
+                            for sampling in ({"temperature": 0}, {"temperature": 0.7, "seed": 11})])
+        d.stop()
+    assert replies[0] == replies[1]
+    assert all(reply.strip() for reply in replies[0])

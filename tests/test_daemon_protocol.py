@@ -12,10 +12,10 @@ import sys
 import time
 
 import pytest
-from conftest import Daemons, chat, fake_config
+from conftest import Daemons, chat, fake_config, wait_until
 
 from edge_llama.client import Client
-from edge_llama.errors import Busy, ContextOverflow, Unavailable
+from edge_llama.errors import Busy, ContextOverflow, NotFound, Unavailable
 
 
 def raw_lines(sock_path, payload: bytes, count: int) -> list[dict]:  # type: ignore[no-untyped-def]
@@ -108,22 +108,22 @@ def test_queue_is_first_come_first_served(daemons: Daemons) -> None:
 
 def test_forget_waits_for_the_running_answer_then_deletes_the_session(daemons: Daemons) -> None:
     d = daemons.start(fake_config(reply="y" * 200, token_delay_ms=5))
-    stored = daemons.workdir / "state" / "sessions" / "s1.json"
+    stored = daemons.workdir / "state" / "sessions" / str(os.getuid()) / "s1.json"  # the peer's own namespace
     with Client(d.socket) as c:
         rid = c.send({"op": "chat", "messages": [{"role": "user", "content": "hi"}], "session": "s1"})
         forget = c.send({"op": "forget", "session": "s1"})  # while the answer streams
         assert list(c.events(rid))[-1]["finish_reason"] in ("stop", "length")  # the answer was not cut short
         assert list(c.events(forget))[-1] == {"id": forget, "event": "done", "session": "s1", "found": True}
-        assert not stored.exists()
-        again = c.send({"op": "forget", "session": "s1"})
-        assert list(c.events(again))[-1]["found"] is False
+        assert not stored.exists() and stored.parent.is_dir()
+        with pytest.raises(NotFound, match="no session 's1'"):
+            c.call({"op": "forget", "session": "s1"})
 
 
 def test_idle_sessions_and_crash_leftovers_are_deleted(daemons: Daemons) -> None:
     import os
     import time
 
-    stored = daemons.workdir / "state" / "sessions"
+    stored = daemons.workdir / "state" / "sessions" / "1000"  # another user's namespace
     stored.mkdir(parents=True)
     day_ago = time.time() - 86400
     for name, age in (("old.json", day_ago), ("fresh.json", None), (".old.x1.tmp", day_ago), (".new.x2.tmp", None)):
@@ -135,6 +135,22 @@ def test_idle_sessions_and_crash_leftovers_are_deleted(daemons: Daemons) -> None
     assert "deleted 1 session(s) idle for more than 12 h" in daemons.log(d)
 
 
+def test_sessions_of_the_shared_namespace_of_earlier_versions_are_kept_for_the_daemons_uid(daemons: Daemons) -> None:
+    """Before sessions had owners they were <state>/sessions/<name>.json, shared by every user: moved, not lost,
+    into the daemon's own uid's namespace (nobody else may read them now)."""
+    root = daemons.workdir / "state" / "sessions"
+    root.mkdir(parents=True)
+    (root / "old.json").write_text(json.dumps({"schema": 1, "messages": [
+        {"role": "user", "content": "my name is Ada"}, {"role": "assistant", "content": "Hello Ada"}]}))
+    d = daemons.start(fake_config(reply="ok"))
+    assert not (root / "old.json").exists() and (root / str(os.getuid()) / "old.json").exists()
+    assert "moved 1 session file(s) of the shared namespace" in daemons.log(d)
+    with Client(d.socket) as c:  # the daemon's uid (this test's) continues it
+        _, done, _ = chat(c, "and now?", session="old", stream=False)
+    stored = json.loads((root / str(os.getuid()) / "old.json").read_text())
+    assert [m["content"] for m in stored["messages"]] == ["my name is Ada", "Hello Ada", "and now?", "ok"]
+
+
 def test_expiry_keeps_a_session_in_use(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import asyncio
 
@@ -143,15 +159,17 @@ def test_expiry_keeps_a_session_in_use(tmp_path) -> None:  # type: ignore[no-unt
 
     store = SessionStore(tmp_path, max_messages=8)
     store.prepare()
-    store.save("busy", [Message("user", "a")])
-    store.save("idle", [Message("user", "b")])
+    store.save(7, "busy", [Message("user", "a")])
+    store.save(7, "idle", [Message("user", "b")])
+    store.save(8, "busy", [Message("user", "c")])  # another uid's session of the same name is not in use
 
     async def main() -> int:
-        async with store.lock("busy"):  # a request is between loading and saving it
+        async with store.lock(7, "busy"):  # a request is between loading and saving it
             return store.expire(max_age_s=-1)
 
-    assert asyncio.run(main()) == 1
-    assert [p.name for p in (tmp_path / "sessions").iterdir()] == ["busy.json"]
+    assert asyncio.run(main()) == 2
+    assert [p.name for p in (tmp_path / "sessions" / "7").iterdir()] == ["busy.json"]
+    assert not list((tmp_path / "sessions" / "8").iterdir())
 
 
 def test_session_locks_serialise_and_do_not_accumulate(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -165,20 +183,20 @@ def test_session_locks_serialise_and_do_not_accumulate(tmp_path) -> None:  # typ
     order: list[str] = []
 
     async def turn(session: str, name: str) -> None:
-        async with store.lock(session):
+        async with store.lock(0, session):
             order.append(f"{name} in")
             await asyncio.sleep(0.01)
             order.append(f"{name} out")
-            store.save(session, [Message("user", name)])
+            store.save(0, session, [Message("user", name)])
 
     async def main() -> None:
         await asyncio.gather(turn("a", "first"), turn("a", "second"), *(turn(f"s{i}", f"s{i}") for i in range(50)))
-        assert await store.forget("a") and not await store.forget("a")
+        assert await store.forget(0, "a") and not await store.forget(0, "a")
 
     asyncio.run(main())
     assert order.index("first out") < order.index("second in")  # one session: one request at a time
     assert store._locks == {}  # nothing kept for the 51 sessions once their requests are done
-    assert len(list((tmp_path / "sessions").glob("*.json"))) == 50
+    assert len(list((tmp_path / "sessions" / "0").glob("*.json"))) == 50
 
 
 def test_cancel_request_stops_generation(daemons: Daemons) -> None:
@@ -204,7 +222,8 @@ def test_cancel_while_queued_and_during_prompt(daemons: Daemons) -> None:
     with Client(d.socket) as c:
         first = c.send({"op": "chat", "messages": [{"role": "user", "content": "p" * 200}]})  # ~4 s of prefill
         queued = c.send({"op": "chat", "messages": [{"role": "user", "content": "next"}]})
-        time.sleep(0.3)
+        with Client(d.socket) as watcher:  # both admitted: the first in its prefill, the second waiting
+            wait_until(lambda: watcher.call({"op": "stats"})["queue"]["admitted"] == 2)
         started = time.monotonic()
         c.send({"op": "cancel", "target": queued})
         c.send({"op": "cancel", "target": first})
@@ -299,7 +318,7 @@ def test_a_second_signal_cancels_at_once(daemons: Daemons) -> None:
         rid = c.send({"op": "chat", "messages": [{"role": "user", "content": "go"}], "max_tokens": 250})
         next(c.events(rid))
         d.proc.send_signal(signal.SIGINT)
-        time.sleep(0.3)
+        wait_until(lambda: "shutting down" in daemons.log(d))  # the first signal is being handled: drain started
         d.proc.send_signal(signal.SIGINT)
         events = list(c.events(rid))
     assert events[-1]["finish_reason"] == "cancelled"

@@ -16,7 +16,7 @@ from conftest import Daemons, chat, fake_config
 from sd_emulator import NotifyListener, ServiceManager
 
 from edge_llama.client import Client
-from edge_llama.errors import Busy, InternalError, Unavailable
+from edge_llama.errors import Busy, InternalError, NotFound, Unavailable
 
 
 def events_of(client: Client, request_id: str) -> list[dict]:
@@ -77,17 +77,19 @@ def test_forget_takes_a_place_in_the_queue_and_reports_a_failed_delete(daemons: 
         assert busy.value.retry_after_ms and busy.value.retry_after_ms > 0
         events_of(c, running)
         # A session path that cannot be deleted (here: a directory in its place) answers an error, not silence.
-        (daemons.workdir / "state" / "sessions" / "stuck.json").mkdir()
+        (daemons.workdir / "state" / "sessions" / str(os.getuid()) / "stuck.json").mkdir(parents=True)
         with pytest.raises(InternalError, match="session 'stuck' could not be deleted"):
             c.call({"op": "forget", "session": "stuck"})
-        assert c.call({"op": "forget", "session": "none"})["found"] is False
+        with pytest.raises(NotFound, match="you have no session 'none'"):
+            c.call({"op": "forget", "session": "none"})
 
 
 @pytest.mark.parametrize("content", ["{not json", json.dumps({"schema": 1, "messages": [{"role": "wizard"}]}),
                                      json.dumps([1, 2])])
 def test_a_corrupt_session_is_set_aside_and_the_next_request_starts_fresh(daemons: Daemons, content: str) -> None:
     d = daemons.start(fake_config())
-    sessions = daemons.workdir / "state" / "sessions"
+    sessions = daemons.workdir / "state" / "sessions" / str(os.getuid())
+    sessions.mkdir()
     (sessions / "s.json").write_text(content)
     (sessions / "other.json").write_text(json.dumps({"schema": 1, "messages": [
         {"role": "user", "content": "kept"}, {"role": "assistant", "content": "yes"}]}))
@@ -148,7 +150,8 @@ def test_the_per_user_socket_directory_is_created_private(workdir: Path) -> None
         assert status.returncode == 0 and f"ready on {sock}" in status.stdout
     finally:
         daemon.terminate()
-        assert daemon.wait(timeout=30) == 0
+        stopped = daemon.wait(timeout=30)  # (asserted below: a failure above must not be hidden by this one)
+    assert stopped == 0
 
 
 def test_a_background_task_that_dies_ends_the_daemon_with_status_1() -> None:
@@ -228,7 +231,7 @@ def test_a_full_disk_fails_the_session_turn_with_the_reason_and_keeps_the_stored
         pytest.skip("needs root and permission to mount a tmpfs")
     try:
         d = daemons.start(fake_config())
-        kept = state / "sessions" / "kept.json"
+        kept = state / "sessions" / str(os.getuid()) / "kept.json"
         with Client(d.socket, timeout=10) as c:
             chat(c, "keep this", session="kept")
             stored = kept.read_bytes()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import Daemons, chat, fake_config, guarded
+from conftest import Daemons, chat, fake_config, guarded, wait_until
 
 from edge_llama.client import Client
 from edge_llama.errors import SafetyBlocked
@@ -122,7 +122,7 @@ def test_a_slow_hook_does_not_stall_other_clients(daemons: Daemons) -> None:
     d = daemons.start(config, env={"PYTHONPATH": TESTS})
     with Client(d.socket) as c, Client(d.socket) as other:
         rid = c.send({"op": "chat", "messages": [{"role": "user", "content": "say forbidden-word"}]})
-        time.sleep(0.1)  # the input check is running now
+        wait_until(lambda: other.call({"op": "stats"})["queue"]["admitted"] == 1)  # the input check is running
         started = time.monotonic()
         assert other.call({"op": "health"})["state"] == "ready"
         assert time.monotonic() - started < 0.3  # answered while the check still runs

@@ -37,6 +37,8 @@ def batched(name: str, texts: list[str]) -> np.ndarray:
 
 
 def test_offensive_onnx_agrees_with_alt_profanity_check_on_thousands_of_texts() -> None:
+    if sys.version_info < (3, 11):  # JetPack 6's Python: alt-profanity-check 1.9.1 needs 3.11
+        pytest.skip("on a Jetson: needs Python 3.11 (alt-profanity-check 1.9.1, scikit-learn 1.9.1); CI checks it")
     profanity_check = pytest.importorskip("profanity_check", reason="alt-profanity-check not installed")
     texts = slabs("test")[0] + slabs("validation")[0]
     texts += ["You are a worthless piece of shit.", "What a fucking great day!", "Have a nice day."]

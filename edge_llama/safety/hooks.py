@@ -1,26 +1,28 @@
 """The safety hook interface, the built-in hooks, and the policy that turns scores into decisions.
 
 A hook scores text by category (0..1); it does not decide. The policy in config (`safety.rules`) says, per
-category, from which score a text is flagged or blocked, and on which side (input, output). Hooks are chosen by
-name in `safety.hooks`: a built-in name, or "package.module:attribute" for your own (a class taking no
+category, from which score a text is flagged or blocked, and on which side (input, output, tool results). Hooks
+are chosen by name in `safety.hooks`: a built-in name, or "package.module:attribute" for your own (a class taking no
 arguments, or a ready object) with `name` and `scores(texts, kind) -> list[dict[category, score]]`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from edge_llama.config import SafetyConfig
+from edge_llama.config import SafetyConfig, SafetyRule
 from edge_llama.errors import ConfigError
 
 log = logging.getLogger("edge_llama.safety")
 Action = Literal["allow", "flag", "block"]
-Kind = Literal["input", "output"]
+Kind = Literal["input", "output", "tool"]  # tool: a tool's result, untrusted input on its way into the prompt
 RANK = {"allow": 0, "flag": 1, "block": 2}
 
 
@@ -130,8 +132,32 @@ class SafetyPolicy:
     def __init__(self, config: SafetyConfig, hooks: list[Hook]) -> None:
         self.config = config
         self.hooks = hooks
-        self._rules = {rule.category: rule for rule in config.rules}
+        self._rules: dict[tuple[str, str], SafetyRule] = {}  # (category, kind) -> the first rule for them
+        for rule in config.rules:
+            for kind in rule.on:
+                self._rules.setdefault((rule.category, kind), rule)
         self.slow = any(getattr(hook, "slow", False) for hook in hooks)
+        self._users = 0  # leases held: checks and streams using this policy now
+        self._idle = threading.Event()
+        self._idle.set()
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[SafetyPolicy]:
+        """Hold the policy for a check or a stream: a reload closes a replaced policy only once every lease
+        taken on it has ended (its hooks may hold a model, which closing frees)."""
+        self._users += 1
+        self._idle.clear()
+        try:
+            yield self
+        finally:
+            self._users -= 1
+            if not self._users:
+                self._idle.set()
+
+    def close_when_idle(self) -> None:
+        """Close once no lease is held (blocks: call it in a worker thread)."""
+        self._idle.wait()
+        self.close()
 
     @classmethod
     def from_config(cls, config: SafetyConfig) -> SafetyPolicy:
@@ -142,12 +168,11 @@ class SafetyPolicy:
         return bool(self.hooks)
 
     def _applies(self, category: str, kind: Kind) -> bool:
-        rule = self._rules.get(category)
-        return rule is not None and kind in rule.on
+        return (category, kind) in self._rules
 
     def _decide(self, category: str, score: float, kind: Kind) -> Action:
-        rule = self._rules.get(category)
-        if rule is None or kind not in rule.on:
+        rule = self._rules.get((category, kind))
+        if rule is None:
             return "allow"
         if rule.block is not None and score >= rule.block:
             return "block"
@@ -156,8 +181,8 @@ class SafetyPolicy:
         return "allow"
 
     def _pressure(self, category: str, score: float, kind: Kind) -> float:
-        rule = self._rules.get(category)
-        if rule is None or kind not in rule.on or rule.block is None:
+        rule = self._rules.get((category, kind))
+        if rule is None or rule.block is None:
             return 0.0
         return score / rule.block if rule.block > 0 else 1.0
 

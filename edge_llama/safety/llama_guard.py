@@ -27,7 +27,7 @@ CATEGORIES = (
 def guard_prompt_parts(kind: str) -> tuple[str, str]:
     """The Llama Guard 3 prompt for one message ('User' for input, 'Agent' for output): its text before and after
     the checked message (which goes in stripped)."""
-    role = "User" if kind == "input" else "Agent"
+    role = "Agent" if kind == "output" else "User"  # a tool's result is not the agent's own words
     categories = "\n".join(f"{code}: {name}." for code, name in CATEGORIES)
     task = (f"Task: Check if there is unsafe content in '{role}' messages in conversations according our safety "
             f"policy with the below categories.\n\n<BEGIN UNSAFE CONTENT CATEGORIES>\n{categories}\n"

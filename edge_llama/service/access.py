@@ -41,16 +41,24 @@ def peer_of(sock: socket.socket) -> Peer:
     return Peer(pid, uid, gid, groups)
 
 
+RELAY_GROUP = "edge-llama-relay"  # the group of the TCP relay (systemd/edge-llama-http-proxy.service)
+
+
 @dataclass(frozen=True)
 class AccessPolicy:
     uids: frozenset[int]
     gids: frozenset[int]
+    http_only_gids: frozenset[int] = frozenset()  # peers that relay the network: HTTP (with its checks) only
 
     def allows(self, peer: Peer) -> bool:
         return peer.uid in self.uids or peer.gid in self.gids or bool(peer.groups & self.gids)
 
+    def http_only(self, peer: Peer) -> bool:
+        return peer.gid in self.http_only_gids or bool(peer.groups & self.http_only_gids)
+
     def describe(self) -> str:
-        return f"uids {sorted(self.uids)}, gids {sorted(self.gids)}"
+        relay = f", HTTP only: gids {sorted(self.http_only_gids)}" if self.http_only_gids else ""
+        return f"uids {sorted(self.uids)}, gids {sorted(self.gids)}{relay}"
 
 
 def policy_for(config: ServerConfig, socket_file: Path) -> AccessPolicy:
@@ -66,7 +74,15 @@ def policy_for(config: ServerConfig, socket_file: Path) -> AccessPolicy:
             gids = set()
     else:
         gids = {_resolve(g, "server.allow_groups", lambda n: grp.getgrnam(n).gr_gid) for g in config.allow_groups}
-    return AccessPolicy(frozenset(uids), frozenset(gids))
+    if config.http_only_groups is None:  # the relay's group, where the service is installed
+        try:
+            http_only = {grp.getgrnam(RELAY_GROUP).gr_gid}
+        except KeyError:
+            http_only = set()
+    else:
+        http_only = {_resolve(g, "server.http_only_groups", lambda n: grp.getgrnam(n).gr_gid)
+                     for g in config.http_only_groups}
+    return AccessPolicy(frozenset(uids), frozenset(gids), frozenset(http_only))
 
 
 def _resolve(value: int | str, key: str, lookup) -> int:  # type: ignore[no-untyped-def]
@@ -76,3 +92,16 @@ def _resolve(value: int | str, key: str, lookup) -> int:  # type: ignore[no-unty
         return int(lookup(value))
     except KeyError:
         raise ConfigError(f"{key}: no such user or group {value!r}") from None
+
+
+def load_token(path: str | None) -> bytes | None:
+    """server.http_token_file's token (blocks on the disk: call it in a worker thread)."""
+    if path is None:
+        return None
+    try:
+        token = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"server.http_token_file: cannot read {path}: {exc.strerror}") from exc
+    if len(token) < 16:
+        raise ConfigError(f"server.http_token_file: the token in {path} is shorter than 16 characters")
+    return token

@@ -42,12 +42,13 @@ from edge_llama.errors import EdgeLlamaError, InternalError, SocketInUse
 from edge_llama.prompting.template import ChatTemplate, template_for
 from edge_llama.protocol import Message
 from edge_llama.safety.hooks import SafetyPolicy
-from edge_llama.service.access import policy_for
+from edge_llama.service.access import load_token, policy_for
 from edge_llama.service.handlers import Handlers
 from edge_llama.service.scheduler import Scheduler
-from edge_llama.service.server import Server, bind_unix_socket
+from edge_llama.service.server import Server
 from edge_llama.service.sessions import SessionStore
 from edge_llama.service.systemd import Notifier, activated_socket, watchdog_interval_s
+from edge_llama.service.transport import bind_unix_socket
 
 log = logging.getLogger("edge_llama.daemon")
 LOAD_KEEPALIVE_S = 5.0  # how often a long model load tells systemd it is still starting
@@ -72,6 +73,7 @@ class Daemon:
         self._cancel_now = asyncio.Event()  # a second exit signal: do not wait for running answers
         self.status = 0  # exit status: 1 when the engine or a background task failed
         self.engine_lost = False  # the engine thread never came back (see serve())
+        self._closing: set[asyncio.Task[None]] = set()  # replaced safety policies waiting for their last user
 
     # --- signals: only set flags ---------------------------------------------------------------------------
     def _on_exit_signal(self, signum: int) -> None:
@@ -112,10 +114,11 @@ class Daemon:
             safety = await asyncio.to_thread(SafetyPolicy.from_config, self.config.safety)
             log.info("safety: %s", ", ".join(h.name for h in safety.hooks) if safety.active else "off")
             handlers = Handlers(self.config, scheduler, template, sessions, safety)
-            sock = activated or bind_unix_socket(path, self.config.server.socket_mode)
             server = Server(self.config, handlers)
+            server.http_token = await asyncio.to_thread(load_token, self.config.server.http_token_file)
+            sock = activated or bind_unix_socket(path, self.config.server.socket_mode)
             server.socket_file = path
-            server.policy = policy_for(self.config.server, path)
+            server.policy = policy_for(self.config.server, path)  # (the socket file's group: it exists now)
             background = [self._supervise(self._watchdog(scheduler), "watchdog"),
                           self._supervise(self._expire_sessions(sessions), "session sweep"),
                           self._supervise(self._measure_loop(handlers), "loop monitor")]
@@ -213,23 +216,32 @@ class Daemon:
                 await self._apply_reload(server, handlers)
 
     async def _apply_reload(self, server: Server, handlers: Handlers) -> None:
+        """Apply the config file again. Any failure (an unreadable or invalid file, a token file, a safety hook
+        whose constructor raises anything, a Llama Guard model that fails to load) refuses the reload and keeps
+        the running configuration whole."""
         self.notifier.reloading()
         try:
-            new = with_overrides(load_config(self.config_file), self.overrides)
+            new = with_overrides(await asyncio.to_thread(load_config, self.config_file), self.overrides)
             new, ignored = live_update(self.config, new)
             policy = policy_for(new.server, server.socket_file)
+            token = await asyncio.to_thread(load_token, new.server.http_token_file)
             safety = handlers.safety
             if new.safety != self.config.safety:  # a hook may load a model (Llama Guard): off the event loop
                 safety = await asyncio.to_thread(SafetyPolicy.from_config, new.safety)
-        except EdgeLlamaError as exc:
-            log.error("reload refused, keeping the running configuration: %s", exc.message)
-            self.notifier.ready(f"reload failed: {exc.message}; {self._status(handlers)}")
+        except Exception as exc:  # noqa: BLE001 - whatever broke, the daemon keeps serving as it was
+            why = exc.message if isinstance(exc, EdgeLlamaError) else f"{type(exc).__name__}: {exc}"
+            log.error("reload refused, keeping the running configuration: %s", why,
+                      exc_info=not isinstance(exc, EdgeLlamaError))
+            self.notifier.ready(f"reload failed: {why}; {self._status(handlers)}")
             return
         server.policy = policy
+        server.http_token = token
         old_safety, handlers.safety = handlers.safety, safety
         self._install(new, server, handlers)
         if old_safety is not safety:
-            await asyncio.to_thread(old_safety.close)
+            # Checks and streams still using the old policy keep it until they end; then its hooks are freed.
+            self._closing.add(asyncio.create_task(asyncio.to_thread(old_safety.close_when_idle)))
+            self._closing = {t for t in self._closing if not t.done()}
         if ignored:
             log.warning("reload: %s changed but only take effect after a restart", ", ".join(ignored))
         log.info("configuration reloaded")

@@ -1,26 +1,28 @@
-"""HTTP/1.1 on the daemon's own socket: an OpenAI-compatible API, our summarize extension, /health and /metrics.
+"""HTTP/1.1 on the daemon's own socket: the OpenAI-compatible API, our summarize extension, /health and /metrics.
 
 server.py hands a connection here when it starts with an HTTP method (protocol v1 lines start with `{`).
-h11 parses and frames; this module routes. Chat and summarize run through the same admission (`busy` -> 429),
-handlers (safety guard, context policy), stats and logging as protocol v1: the handlers' protocol events
-(token, progress, done) reach a `send` callback that turns them into SSE chunks or one JSON response.
+h11 parses and frames; this module checks each request (Host, Origin, Content-Type, bearer token) and routes it.
+Chat and summarize run through the same admission (`busy` -> 429), handlers (safety guard, context policy), stats
+and logging as protocol v1: the handlers' protocol events reach a Reply (service/openai_reply.py) that renders them.
 
 Requests on one connection are answered one at a time, in order (pipelining works; HTTP/1.1 allows nothing
-else). While one runs, the connection is watched: a client that goes away cancels it within a token.
+else). While one runs, the connection is watched: a client that goes away cancels it within a token, and so does
+one that stops reading for server.write_timeout_s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import math
-import secrets
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import h11
 
@@ -33,169 +35,46 @@ from edge_llama.errors import (
     Forbidden,
     InternalError,
     TooLarge,
-    Unavailable,
 )
-from edge_llama.protocol import InfoRequest
-from edge_llama.service import metrics
+from edge_llama.service.access import Peer
 from edge_llama.service.handlers import Send
-from edge_llama.service.openai_api import (
-    FINISH,
-    STATUS,
-    ChatSpec,
-    Failure,
-    held_back,
-    invalid,
-    parse_chat,
-    parse_summarize,
-)
+from edge_llama.service.openai_api import STATUS, Failure, invalid
+from edge_llama.service.openai_reply import Reply, sse
 from edge_llama.service.scheduler import CancelToken
-from edge_llama.service.server import READ_CHUNK, WRITE_HIGH_WATER
-from edge_llama.service.summarize import summarize
-
-if TYPE_CHECKING:
-    from edge_llama.service.access import Peer
-    from edge_llama.service.server import Server
+from edge_llama.service.transport import READ_CHUNK, ClientStalled, Hub, send_bounded
 
 HEAD_LIMIT = 16 * 1024  # request line + headers, bytes (h11's max_incomplete_event_size); beyond: 431
 HEADER_DEADLINE_S = 10.0  # a request head must be complete this long after its first byte (slowloris)
 BODY_PAUSE_S = 10.0  # the longest pause inside a request body before 408
 IDLE_S = 60.0  # a keep-alive connection without a new request for this long is closed (clients reuse for ~5 s)
 LINGER_S = 2.0  # closing on a client that may still be sending: how long its input is read and dropped first
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")  # what clients of the Unix socket put in Host
 
 
-def sse(data: Any, event: str | None = None) -> bytes:
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return (f"event: {event}\n" if event else "").encode() + f"data: {payload}\n\n".encode()
+@dataclass(frozen=True)
+class Route:
+    """An endpoint: its method ("*": any), the op it counts as (stats, metrics, the log: "chat" as on protocol v1), its
+    handler (called with the connection, the path and the body) and its API's error shape (OpenAI's by default)."""
+
+    method: str
+    op: str
+    handle: Callable[[HttpConnection, str, bytes], Awaitable[None]]
+    error_body: Callable[[Failure], Any] = Failure.body
 
 
-# --- replies: protocol events -> HTTP ----------------------------------------------------------------------------
-class Reply:
-    """The `send` callback one chat or summarize job gets, and what the job answered."""
-
-    error_event: str | None = None  # the SSE event name of an error after the stream started (None: unnamed)
-
-    def __init__(self, http: HttpConnection, request_id: str, stream: bool) -> None:
-        self.http, self.id, self.stream = http, request_id, stream
-        self.cancel = CancelToken()
-        self.outcome = "cancelled"  # the finish reason or error code, for stats and the log
-        self.created = int(time.time())
-        self.model = http.server.handlers.engine.model_name
-
-    async def send(self, event: dict[str, Any]) -> None:
-        raise NotImplementedError
-
-    def finish_reason(self, done: dict[str, Any]) -> str:
-        """The OpenAI finish reason of a `done`; a generation cancelled by shutdown is the error it was."""
-        if done["finish_reason"] == "cancelled":
-            raise self.cancel.error
-        self.outcome = done["finish_reason"]
-        return FINISH[done["finish_reason"]]
-
-    def usage(self, done: dict[str, Any]) -> dict[str, int]:
-        u = done["usage"]
-        return {**u, "total_tokens": u["prompt_tokens"] + u["completion_tokens"]}
-
-
-class ChatReply(Reply):
-    def __init__(self, http: HttpConnection, spec: ChatSpec) -> None:
-        super().__init__(http, spec.request.id, spec.stream)
-        self.spec = spec
-        self.parts: list[str] = []  # the answer, when not streaming
-        self.held = ""  # released text kept back while it could be the start of a stop string
-        self.stopped = False  # a stop string was reached: the generation is being cancelled
-
-    def chunk(self, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
-        body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
-        if self.spec.include_usage:
-            body["usage"] = None  # as OpenAI: every chunk has it, null but on the last one
-        return sse(body)
-
-    def opening(self) -> bytes:
-        """OpenAI's first chunk carries the role: sent with the first text (or the end)."""
-        return b"" if self.http.responding else self.chunk({"role": "assistant", "content": ""})
-
-    async def text(self, text: str) -> None:
-        if text and not self.stream:
-            self.parts.append(text)
-        elif text:
-            await self.http.stream(self.opening() + self.chunk({"content": text}))
-
-    def cut(self, text: str) -> str:
-        """What of `text` can go out now: up to the first stop string (which cancels the generation), less a tail
-        that could still become one."""
-        stops = self.spec.stop
-        if not stops:
-            return text
-        pending = self.held + text
-        hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
-        if hits:
-            self.stopped, self.held = True, ""
-            self.cancel.cancel(Cancelled("a stop string was reached"))
-            return pending[:min(hits)]
-        keep = held_back(pending, stops)
-        self.held = pending[len(pending) - keep:] if keep else ""
-        return pending[:len(pending) - keep]
-
-    async def send(self, event: dict[str, Any]) -> None:
-        if event["event"] == "token" and not self.stopped:
-            await self.text(self.cut(event["text"]))
-        elif event["event"] == "done":
-            if self.stopped:
-                event = {**event, "finish_reason": "stop"}
-            await self.text(self.held)
-            await self.done(event)
-
-    async def done(self, event: dict[str, Any]) -> None:
-        finish = self.finish_reason(event)
-        refusal = (event.get("safety") or {}).get("refusal")
-        extra = {"truncated": event["truncated"]} if "truncated" in event else {}  # old turns left out (ours)
-        if not self.stream:
-            message = {"role": "assistant", "content": "".join(self.parts), "refusal": refusal}
-            await self.http.respond(200, {
-                "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-                "usage": self.usage(event), **extra})
-            return
-        tail = self.opening() + self.chunk({"refusal": refusal} if refusal else {}, finish, **extra)
-        if self.spec.include_usage:
-            tail += sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                         "model": self.model, "choices": [], "usage": self.usage(event)})
-        await self.http.stream(tail + sse("[DONE]"), end=True)
-
-
-class SummaryReply(Reply):
-    """`POST /v1/summarize`: one JSON object, or SSE events progress / token / done (error after a start)."""
-
-    error_event = "error"
-
-    async def send(self, event: dict[str, Any]) -> None:
-        kind = event["event"]
-        if kind == "done":
-            finish = self.finish_reason(event)
-            result = {"id": self.id, "object": "summary", "created": self.created, "model": self.model,
-                      "finish_reason": finish, "chunks": event["chunks"], "usage": self.usage(event)}
-            if not self.stream:
-                await self.http.respond(200, {**result, "summary": event["text"]})
-            else:
-                await self.http.stream(sse(result, "done"), end=True)
-        elif self.stream:
-            data = {"done": event["done"], "total": event["total"]} if kind == "progress" else {"text": event["text"]}
-            await self.http.stream(sse(data, kind))
-
-
-# --- the connection ---------------------------------------------------------------------------------------------
 class HttpConnection:
-    def __init__(self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer,
-                 log: logging.LoggerAdapter[logging.Logger]) -> None:
-        self.server, self.reader, self.writer, self.peer, self.log = server, reader, writer, peer, log
+    def __init__(self, hub: Hub, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer,
+                 log: logging.LoggerAdapter[logging.Logger], routes: dict[str, Route]) -> None:
+        self.hub, self.reader, self.writer, self.peer, self.log = hub, reader, writer, peer, log
+        self.routes = routes  # path -> Route; a path ending with "/" serves every path under it
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=HEAD_LIMIT)
         self.loop = asyncio.get_running_loop()
         self.responding = False  # the current request's response head is sent
         self.reply: Reply | None = None  # the running chat or summarize, cancelled if the client goes away
+        self.error_body: Callable[[Failure], Any] = Failure.body
         self.gone = False
 
-    async def serve(self, head: bytes, allowed: bool) -> None:
+    async def serve(self, head: bytes) -> None:
         """Answer requests until the client closes, an error ends the connection, or it idles for IDLE_S."""
         self.conn.receive_data(head)
         try:
@@ -204,10 +83,6 @@ class HttpConnection:
                 if request is None:
                     break
                 self.responding = False
-                if not allowed:
-                    await self.fail(Failure(403, Forbidden(f"uid {self.peer.uid} is not allowed to use this daemon "
-                                                           "(ask for the client group)"), close=True))
-                    break
                 await self.exchange(request)
                 if self.conn.our_state is not h11.DONE or self.conn.their_state is not h11.DONE:
                     break  # closing (asked for, or the body was not read)
@@ -234,11 +109,11 @@ class HttpConnection:
             while await asyncio.wait_for(self.reader.read(READ_CHUNK), max(0.0, deadline - self.loop.time())):
                 pass
 
-    def lost(self) -> None:
+    def lost(self, why: Cancelled | None = None) -> None:
         if not self.gone:
             self.gone = True
             if self.reply is not None:
-                self.reply.cancel.cancel(Cancelled("client disconnected"))
+                self.reply.cancel.cancel(why or Cancelled("client disconnected"))
 
     # --- reading ---------------------------------------------------------------------------------------------
     async def read_into(self, timeout: float) -> None:
@@ -276,7 +151,7 @@ class HttpConnection:
     async def receive_body(self, request: h11.Request) -> bytes:
         """The whole body, refused with 413 before it is read when Content-Length is over the limit (chunked: as
         soon as it is)."""
-        limit = self.server.config.server.max_line_bytes
+        limit = self.hub.config.server.max_line_bytes
         headers = dict(request.headers)
         too_large = Failure(413, TooLarge(f"request body over {limit} bytes (server.max_line_bytes)"), close=True)
         length = headers.get(b"content-length")
@@ -308,7 +183,7 @@ class HttpConnection:
 
     async def watch(self) -> None:
         """While a request runs: read ahead (a pipelined request, kept for later), notice the client leaving."""
-        limit = self.server.config.server.max_line_bytes + HEAD_LIMIT
+        limit = self.hub.config.server.max_line_bytes + HEAD_LIMIT
         try:
             while len(self.conn.trailing_data[0]) <= limit:  # beyond: stop reading, the kernel pushes back
                 data = await self.reader.read(READ_CHUNK)
@@ -326,13 +201,15 @@ class HttpConnection:
             self.writer.write(data)
 
     async def write(self, data: bytes) -> None:
-        """Part of a streamed body; waits while the client reads slowly (as protocol v1 does)."""
+        """Part of a body; waits while the client reads slowly, at most server.write_timeout_s."""
         if self.gone:
             return
         try:
-            self.conn_send(h11.Data(data=data))
-            if self.writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
-                await self.writer.drain()
+            await send_bounded(self.writer, self.conn.send(h11.Data(data=data)) or b"",
+                               self.hub.config.server.write_timeout_s)
+        except ClientStalled as exc:
+            self.log.warning("%s: dropping the connection and cancelling its request", exc)
+            self.lost(Cancelled(str(exc)))
         except (ConnectionError, RuntimeError):
             self.lost()
 
@@ -346,12 +223,12 @@ class HttpConnection:
         await self.write(data)
         self.conn_send(h11.EndOfMessage())
 
-    async def stream(self, data: bytes, end: bool = False) -> None:
-        """Server-sent events. The response head goes out with the first one, so that an error before it (busy,
-        context overflow, an input block) is an ordinary error response with its own status."""
+    async def stream(self, data: bytes, end: bool = False, content_type: str = "text/event-stream") -> None:
+        """A streamed body (server-sent events, or NDJSON). The response head goes out with the first piece, so
+        that an error before it (busy, context overflow, an input block) is an ordinary error response."""
         if not self.responding:
             self.conn_send(h11.Response(status_code=200, headers=[
-                ("content-type", "text/event-stream"), ("cache-control", "no-cache"),
+                ("content-type", content_type), ("cache-control", "no-cache"),
                 ("server", f"edge-llama/{__version__}")]))
             self.responding = True
         await self.write(data)
@@ -359,8 +236,8 @@ class HttpConnection:
             self.conn_send(h11.EndOfMessage())
 
     async def fail(self, failure: Failure) -> None:
-        """Answer an error: a JSON error response, or an error event if a stream already started."""
-        self.server.handlers.stats.errors[failure.error.code] += 1
+        """Answer an error: an error response in the route's API shape, or an error event if a stream started."""
+        self.hub.handlers.stats.errors[failure.error.code] += 1
         if self.gone:
             return
         if not self.responding:
@@ -368,27 +245,59 @@ class HttpConnection:
             if failure.error.retry_after_ms is not None:
                 ms = failure.error.retry_after_ms
                 headers += [("retry-after", str(max(1, math.ceil(ms / 1000)))), ("retry-after-ms", str(ms))]
-            await self.respond(failure.status, failure.body(), headers)
+            if failure.status == 401:
+                headers.append(("www-authenticate", 'Bearer realm="edge-llama"'))
+            await self.respond(failure.status, self.error_body(failure), headers)
         elif self.conn.our_state is h11.SEND_BODY:
-            await self.stream(sse(failure.body(), self.reply.error_event if self.reply else None), end=True)
+            body = self.error_body(failure)
+            await self.stream(self.reply.stream_error(body) if self.reply is not None else sse(body), end=True)
 
-    # --- routing ---------------------------------------------------------------------------------------------
+    # --- checks and routing ----------------------------------------------------------------------------------
+    def admit(self, request: h11.Request, method: str) -> None:
+        """What every request must show before it is served (docs/http.md, "Who may call"): a local or configured
+        Host (DNS rebinding), no foreign Origin (a web page), a JSON body (a form post is a CSRF "simple
+        request"), and the bearer token when one is configured."""
+        server = self.hub.config.server
+        headers = {name.lower(): value for name, value in request.headers}
+        host = headers.get(b"host")
+        if host is not None and _host_name(host) not in {*LOCAL_HOSTS, *(h.lower() for h in server.http_hosts)}:
+            raise Failure(421, Forbidden(f"Host {host.decode('latin-1')!r} is not served here (server.http_hosts)"),
+                          "host", close=True)
+        origin = headers.get(b"origin")
+        if origin is not None and origin.decode("latin-1").rstrip("/") not in server.http_origins:
+            raise Failure(403, Forbidden(f"requests from the web origin {origin.decode('latin-1')!r} are not "
+                                         "allowed (server.http_origins)"), "origin", close=True)
+        token = self.hub.http_token
+        if token is not None:
+            scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), token):
+                raise Failure(401, Forbidden("a valid bearer token is required (Authorization: Bearer ..., "
+                                             "server.http_token_file)"), "authorization", close=True)
+        if method == "POST":
+            media = headers.get(b"content-type", b"").partition(b";")[0].strip().lower()
+            if media != b"application/json":
+                raise Failure(415, BadRequest("the request body must be sent as Content-Type: application/json"),
+                              "content-type", close=True)
+
     async def exchange(self, request: h11.Request) -> None:
         target = request.target.decode("ascii", "replace").partition("?")[0]
         method = request.method.decode("ascii", "replace")
         started = time.monotonic()
-        route = ROUTES.get(target) or (("GET", HttpConnection.model) if target.startswith("/v1/models/") else None)
+        route = self.routes.get(target) or next((r for prefix, r in self.routes.items()
+                                                 if prefix.endswith("/") and target.startswith(prefix)), None)
+        self.error_body = route.error_body if route else Failure.body
         op: str | None = None  # known once routed
         outcome, status = "ok", 200
         try:
+            self.admit(request, method)
             body = await self.receive_body(request)
             if route is None:
                 raise invalid(f"no such endpoint: {target}", "url", 404)
-            if method != route[0]:
-                raise invalid(f"{target} takes {route[0]}, not {method}", "method", 405)
-            op = route[1].__name__
-            self.server.handlers.stats.requests[op] += 1
-            await route[1](self, target, body)
+            if route.method not in (method, "*"):
+                raise invalid(f"{target} takes {route.method}, not {method}", "method", 405)
+            op = route.op
+            self.hub.handlers.stats.requests[op] += 1
+            await route.handle(self, target, body)
         except Failure as failure:
             outcome, status = failure.error.code, failure.status
             await self.fail(failure)
@@ -405,7 +314,7 @@ class HttpConnection:
             extra["REQUEST_ID"] = self.reply.id
             self.reply = None
         if op is not None:
-            self.server.handlers.stats.outcomes[op, outcome] += 1
+            self.hub.handlers.stats.outcomes[op, outcome] += 1
         # Chats, summaries and errors at info, as protocol v1 logs its requests; scrapes and probes at debug.
         level = logging.INFO if op in ("chat", "summarize") or status >= 400 else logging.DEBUG
         self.log.log(level, "HTTP %s %s %d %s in %.0f ms", method, target, status, outcome,
@@ -414,7 +323,7 @@ class HttpConnection:
     def json_body(self, body: bytes) -> dict[str, Any]:
         try:
             obj = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise Failure(400, BadJson(f"the request body is not JSON: {exc}")) from None
         if not isinstance(obj, dict):
             raise Failure(400, BadJson("the request body must be a JSON object"))
@@ -422,9 +331,9 @@ class HttpConnection:
 
     async def run(self, reply: Reply, job: Callable[[CancelToken, float, Send], Awaitable[None]]) -> None:
         """One chat or summarize job, admitted and cancellable as on protocol v1 (shutdown cancels it too)."""
-        admission = self.server.handlers.scheduler.admit()
+        admission = self.hub.handlers.scheduler.admit()
         self.reply = reply
-        self.server.cancels.add(reply.cancel)
+        self.hub.cancels.add(reply.cancel)
         watcher = asyncio.create_task(self.watch())
         try:
             await job(reply.cancel, time.monotonic(), reply.send)
@@ -433,57 +342,11 @@ class HttpConnection:
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
             admission.release()
-            self.server.cancels.discard(reply.cancel)
+            self.hub.cancels.discard(reply.cancel)
 
-    async def chat(self, target: str, body: bytes) -> None:
-        handlers = self.server.handlers
-        spec = parse_chat(self.json_body(body), f"chatcmpl-{secrets.token_hex(12)}",
-                          self.server.config.server.max_messages)
-        reply = ChatReply(self, spec)
-        await self.run(reply, lambda cancel, received, send: handlers.chat(spec.request, cancel, received, send))
-
-    async def summarize(self, target: str, body: bytes) -> None:
-        request, stream = parse_summarize(self.json_body(body), f"summary-{secrets.token_hex(12)}")
-        reply = SummaryReply(self, request.id, stream)
-        await self.run(reply, lambda cancel, received, send: summarize(self.server.handlers, request, cancel,
-                                                                       received, send))
-
-    async def models(self, target: str, body: bytes) -> None:
-        await self.respond(200, {"object": "list", "data": [self.model_card()]})
-
-    async def model(self, target: str, body: bytes) -> None:
-        name = target.removeprefix("/v1/models/")
-        if name != self.server.handlers.engine.model_name:
-            raise invalid(f"no such model: {name}; this daemon serves {self.server.handlers.engine.model_name}",
-                          "model", 404)
-        await self.respond(200, self.model_card())
-
-    def model_card(self) -> dict[str, Any]:
-        h = self.server.handlers
-        started = time.time() - (time.monotonic() - h.stats.started)
-        return {"id": h.engine.model_name, "object": "model", "created": int(started), "owned_by": "edge-llama",
-                "backend": h.engine.name, "kv_tokens": h.engine.capacity.kv_tokens}
-
-    async def health(self, target: str, body: bytes) -> None:
-        info = self.server.handlers.info(InfoRequest(id="health", op="health"))
-        info = {k: v for k, v in info.items() if k not in ("id", "event")}
-        if info["state"] != "ready":
-            raise Failure(503, Unavailable(f"the daemon is {info['state']}" + (f": {info['fault']}"
-                                                                             if "fault" in info else "")))
-        await self.respond(200, info)
-
-    async def metrics(self, target: str, body: bytes) -> None:
-        h = self.server.handlers
-        snap = metrics.snapshot(h)  # on the loop, where the counters change; the rest off it (disk, import)
-        text, content_type = await asyncio.to_thread(
-            lambda: metrics.render(snap, metrics.sessions_on_disk(h.sessions.root)))
-        await self.respond(200, text, content_type=content_type)
-
-
-ROUTES: dict[str, tuple[str, Callable[[HttpConnection, str, bytes], Awaitable[None]]]] = {
-    "/v1/chat/completions": ("POST", HttpConnection.chat),
-    "/v1/summarize": ("POST", HttpConnection.summarize),
-    "/v1/models": ("GET", HttpConnection.models),
-    "/health": ("GET", HttpConnection.health),
-    "/metrics": ("GET", HttpConnection.metrics),
-}
+def _host_name(host: bytes) -> str:
+    """The name in a Host header, without its port: "localhost:8080" -> "localhost", "[::1]:80" -> "[::1]"."""
+    text = host.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        return text[:text.find("]") + 1]
+    return text.rpartition(":")[0] if ":" in text else text

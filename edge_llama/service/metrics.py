@@ -1,6 +1,6 @@
-"""`GET /metrics`: the daemon's counters in Prometheus text format, rendered by prometheus_client.
+"""The daemon's counters (`Stats`), and `GET /metrics`: them in Prometheus text format, rendered by prometheus_client.
 
-What is counted lives in `Stats` (handlers.py) as plain Python (a `Buckets` histogram is a list of integers), so
+What is counted lives in `Stats` as plain Python (a `Buckets` histogram is a list of integers), so
 the daemon pays nothing for metrics until they are scraped, and prometheus_client is imported only then. Every
 scrape builds the metric families from a snapshot of those counters; nothing is registered globally.
 """
@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import bisect
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from edge_llama import __version__
-
-if TYPE_CHECKING:
-    from edge_llama.service.handlers import Handlers
+from edge_llama.engine.base import Engine
+from edge_llama.service.scheduler import Outcome, Scheduler
 
 PREFIX = "edge_llama"
 # Time to first token, seconds: a 135M model on 2 cores starts in ~30 ms; a 1B on a loaded Orin in up to seconds.
@@ -49,27 +49,54 @@ class Buckets:
         return out
 
 
+@dataclass
+class Stats:
+    started: float = field(default_factory=time.monotonic)
+    requests: Counter[str] = field(default_factory=Counter)  # by op
+    errors: Counter[str] = field(default_factory=Counter)  # by code
+    finish: Counter[str] = field(default_factory=Counter)  # by finish_reason
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    last_timings: dict[str, float] = field(default_factory=dict)
+    loop_max_stall_ms: float = 0.0  # the event loop's worst wake-up delay since start (daemon's loop monitor)
+    # For GET /metrics: histograms, HTTP outcomes, safety verdicts, the running turn's KV use.
+    ttft_s: Buckets = field(default_factory=lambda: Buckets(TTFT_BUCKETS_S))
+    decode_tok_s: Buckets = field(default_factory=lambda: Buckets(DECODE_BUCKETS_TOK_S))
+    outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)  # (op, finish reason or error code)
+    verdicts: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # (kind, action, category)
+    kv_in_use: int = 0  # prompt + generated tokens of the engine turn running now
+
+    def record(self, prompt_tokens: int, outcome: Outcome, timings: dict[str, float]) -> None:
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += outcome.completion_tokens
+        self.finish[outcome.finish] += 1
+        self.last_timings = timings
+        if outcome.completion_tokens:
+            self.ttft_s.observe(outcome.ttft_ms / 1000)
+        if outcome.decode_tok_s:
+            self.decode_tok_s.observe(outcome.decode_tok_s)
+
+
 def sessions_on_disk(root: Path) -> int:
-    """Stored conversations (blocks on the disk: call it in a worker thread)."""
+    """Stored conversations, of every owner (blocks on the disk: call it in a worker thread)."""
     try:
-        return sum(1 for _ in root.glob("*.json"))
+        return sum(1 for _ in root.rglob("*.json"))
     except OSError:
         return 0
 
 
-def snapshot(h: Handlers) -> dict[str, Any]:
+def snapshot(s: Stats, sched: Scheduler, engine: Engine, state: str) -> dict[str, Any]:
     """Everything a scrape reports, copied on the event loop (the counters change there)."""
-    s, sched = h.stats, h.scheduler
     return {
-        "info": {"version": __version__, "backend": h.engine.name, "model": h.engine.model_name},
-        "ready": float(h.state == "ready" and sched.fault() is None),
+        "info": {"version": __version__, "backend": engine.name, "model": engine.model_name},
+        "ready": float(state == "ready" and sched.fault() is None),
         "uptime_s": time.monotonic() - s.started,
         "requests": dict(s.requests), "outcomes": dict(s.outcomes), "errors": dict(s.errors),
         "finish": dict(s.finish), "tokens": {"prompt": s.prompt_tokens, "completion": s.completion_tokens},
         "ttft": s.ttft_s.cumulative(), "ttft_sum": s.ttft_s.total,
         "decode": s.decode_tok_s.cumulative(), "decode_sum": s.decode_tok_s.total,
         "queue": {"admitted": sched.admitted, "waiting": sched.waiting}, "queue_limit": sched.max_queue + 1,
-        "kv_budget": h.engine.capacity.kv_tokens, "kv_in_use": s.kv_in_use,
+        "kv_budget": engine.capacity.kv_tokens, "kv_in_use": s.kv_in_use,
         "verdicts": dict(s.verdicts),
         "engine_stalled_s": sched.stalled_for(), "engine_faulted": float(sched.fault() is not None),
         "loop_max_stall_s": s.loop_max_stall_ms / 1000,

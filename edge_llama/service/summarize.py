@@ -147,10 +147,10 @@ class Summarizer:
         async def stream(piece: str) -> None:
             await self.send(token_event(req.id, piece))
 
-        outcome, timings, verdict = await h.run(prompt, params, self.cancel, self.received,
-                                                stream if final and req.stream else None, guarded=final,
-                                                request_id=req.id)
-        self.verdicts.append(verdict)
+        turn = await h.run(prompt, params, self.cancel, self.received, stream if final and req.stream else None,
+                           guarded=final, request_id=req.id)
+        outcome, timings = turn.outcome, turn.timings
+        self.verdicts.append(turn.verdict)
         if self.queue_ms is None:
             self.queue_ms = timings["queue_ms"]
         self.usage["prompt_tokens"] += len(prompt.ids)
