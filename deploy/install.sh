@@ -17,13 +17,22 @@
 #   --wheels DIR      install llama-cpp-python (and edge-llama) from wheels in DIR instead of building them
 #   --root DIR        lay everything down under DIR (an image being prepared, or a test): no apt, no users or
 #                     services on this machine; units are enabled inside DIR, not started
+# CLIENTS OF THE DAEMON (optional; each is a unit of its own, installed and enabled):
+#   --with-voice      edge-llama-voice.service: the spoken assistant on this device's microphone and speaker
+#                     (a headless device; the voice: section of the config sets devices and models)
+#   --with-wyoming    edge-llama-wyoming.service: speech and the assistant for Home Assistant over Wyoming; it
+#                     listens where wyoming.uri says (default tcp://127.0.0.1:10700: set tcp://0.0.0.0:10700 in
+#                     the config for Home Assistant on another host)
+#   --with-http-relay [ADDR:]PORT
+#                     edge-llama-http-proxy.socket: the daemon's HTTP API on TCP ADDR:PORT (ADDR defaults to
+#                     127.0.0.1), relayed to the Unix socket; the daemon itself stays without network
 #   -h, --help        this text
 set -euo pipefail
 SRC=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
 LLAMA_CPP_VERSION=0.3.36
-TRTLLM_WHEEL= LLAMACPP= CUDA_ARCH= WHEELS= ROOT=
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+TRTLLM_WHEEL= LLAMACPP= CUDA_ARCH= WHEELS= ROOT= WITH_VOICE= WITH_WYOMING= HTTP_RELAY=
+usage() { sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "install.sh: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -33,6 +42,11 @@ while [ $# -gt 0 ]; do
     --cuda-arch) [ $# -ge 2 ] || die "--cuda-arch needs a number (87 Orin, 110 Thor)"; CUDA_ARCH=$2; shift ;;
     --wheels) [ $# -ge 2 ] || die "--wheels needs a directory"; WHEELS=$(cd "$2" && pwd); shift ;;
     --root) [ $# -ge 2 ] || die "--root needs a directory"; mkdir -p "$2"; ROOT=$(cd "$2" && pwd); shift ;;
+    --with-voice) WITH_VOICE=1 ;;
+    --with-wyoming) WITH_WYOMING=1 ;;
+    --with-http-relay)
+      [ $# -ge 2 ] || die "--with-http-relay needs [ADDR:]PORT, e.g. 8080 or 172.17.0.1:8080"
+      HTTP_RELAY=$2; shift ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown option $1 (see --help)" ;;
   esac
@@ -45,6 +59,13 @@ if [ -z "$TRTLLM_WHEEL" ] && [ -z "$LLAMACPP" ]; then
   --cpu                                             llama.cpp on the CPU only"
 fi
 [ -z "$TRTLLM_WHEEL" ] || [ -f "$TRTLLM_WHEEL" ] || die "--trtllm-wheel $TRTLLM_WHEEL: no such file"
+if [ -n "$HTTP_RELAY" ]; then
+  case "$HTTP_RELAY" in *:*) ;; *) HTTP_RELAY=127.0.0.1:$HTTP_RELAY ;; esac
+  port=${HTTP_RELAY##*:}
+  { [[ "$port" =~ ^[0-9]+$ ]] && [ "$port" -ge 1 ] && [ "$port" -le 65535 ] \
+    && [[ "${HTTP_RELAY%:*}" =~ ^([0-9.]+|\[[0-9A-Fa-f:]+\])$ ]]; } \
+    || die "--with-http-relay $HTTP_RELAY: expected [ADDR:]PORT with an IP address, e.g. 8080 or 172.17.0.1:8080"
+fi
 if [ -z "$ROOT" ] && [ "$(id -u)" != 0 ]; then exec sudo "$0" "$@"; fi
 PREFIX=$ROOT/opt/edge-llama
 MODEL=$(tr -d '\0' 2>/dev/null < "$ROOT/proc/device-tree/model" || true)  # e.g. "NVIDIA Jetson Orin Nano ..."
@@ -70,8 +91,9 @@ if [ -z "$ROOT" ]; then
   echo "== system packages"
   apt-get update -qq
   # shellcheck disable=SC2046
+  # libportaudio2: sounddevice's PortAudio, for the voice front end's microphone and speaker.
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv python3-systemd \
-    $([ -n "$LLAMACPP" ] && [ -z "$WHEELS" ] && echo "cmake g++ make")
+    $([ -n "$LLAMACPP" ] && [ -z "$WHEELS" ] && echo "cmake g++ make") $([ -n "$WITH_VOICE" ] && echo libportaudio2)
 fi
 
 echo "== user edge-llama and group edge-llama-clients (sysusers.d), model folder (tmpfiles.d)"
@@ -91,8 +113,10 @@ trap 'rm -rf "$BUILT"' EXIT
 FIND=(--find-links "$BUILT")
 [ -z "$WHEELS" ] || FIND+=(--find-links "$WHEELS")
 EXTRAS=jetson
+[ -z "$WITH_VOICE$WITH_WYOMING" ] || EXTRAS=$EXTRAS,voice  # Whisper, Silero VAD, espeak-ng
+[ -z "$WITH_WYOMING" ] || EXTRAS=$EXTRAS,wyoming
 if [ -n "$LLAMACPP" ]; then
-  EXTRAS=jetson,cpu
+  EXTRAS=$EXTRAS,cpu
   if ! ls "${WHEELS:-/nonexistent}"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl >/dev/null 2>&1; then
     echo "== building llama-cpp-python $LLAMA_CPP_VERSION ($LLAMA_CMAKE; 5-15 min)"
     # --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS and would hand back a build with other flags.
@@ -139,14 +163,34 @@ fi
 
 echo "== units"
 install -D -m 0644 -t "$ROOT/etc/systemd/system" "$SRC/systemd/edge-llama.service" "$SRC/systemd/edge-llama.socket"
+ENABLE=(edge-llama.socket)
+if [ -n "$WITH_VOICE" ]; then
+  install -D -m 0644 -t "$ROOT/etc/systemd/system" "$SRC/systemd/edge-llama-voice.service"
+  ENABLE+=(edge-llama-voice.service)
+fi
+if [ -n "$WITH_WYOMING" ]; then
+  install -D -m 0644 -t "$ROOT/etc/systemd/system" "$SRC/systemd/edge-llama-wyoming.service"
+  ENABLE+=(edge-llama-wyoming.service)
+fi
+if [ -n "$HTTP_RELAY" ]; then
+  install -D -m 0644 -t "$ROOT/etc/systemd/system" "$SRC/systemd/edge-llama-http-proxy.socket" \
+    "$SRC/systemd/edge-llama-http-proxy.service"
+  # The address in a drop-in: the shipped unit stays as shipped (an upgrade replaces it), the choice stays.
+  install -d -m 0755 "$ROOT/etc/systemd/system/edge-llama-http-proxy.socket.d"
+  printf '# deploy/install.sh --with-http-relay %s\n[Socket]\nListenStream=\nListenStream=%s\n' "$HTTP_RELAY" \
+    "$HTTP_RELAY" > "$ROOT/etc/systemd/system/edge-llama-http-proxy.socket.d/listen.conf"
+  ENABLE+=(edge-llama-http-proxy.socket)
+fi
 if [ -n "$ROOT" ]; then
-  systemctl --root "$ROOT" enable edge-llama.socket
+  systemctl --root "$ROOT" enable "${ENABLE[@]}"
   echo "== laid down under $ROOT (nothing was started)"
   exit 0
 fi
 systemctl daemon-reload
-systemctl enable --now edge-llama.socket
+systemctl enable --now "${ENABLE[@]}"
 systemctl try-restart edge-llama.service
+[ -z "$WITH_VOICE" ] || systemctl try-restart edge-llama-voice.service
+[ -z "$WITH_WYOMING" ] || systemctl try-restart edge-llama-wyoming.service
 
 if [ "$BACKEND" = trtllm ]; then
   cat <<'NEXT'
@@ -163,3 +207,10 @@ cat <<'DONE'
    Try it:                  /opt/edge-llama/venv/bin/edge-llama chat
    Status and logs:         systemctl status edge-llama; journalctl -u edge-llama -f
 DONE
+[ -z "$WITH_WYOMING" ] || cat <<'WYOMING'
+   Home Assistant:          the Wyoming server listens where wyoming.uri in /etc/edge-llama/config.yaml says
+                            (default tcp://127.0.0.1:10700, this host only; tcp://0.0.0.0:10700 for the LAN), then:
+                            systemctl restart edge-llama-wyoming; in Home Assistant add the Wyoming Protocol
+                            integration with this host and port
+WYOMING
+[ -z "$HTTP_RELAY" ] || echo "   HTTP API on TCP:         http://$HTTP_RELAY/v1 (anyone who reaches it can use the assistant)"

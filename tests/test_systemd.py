@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import Daemons, OtherUser, chat, fake_config
+from conftest import Daemons, OtherUser, chat, fake_config, skip_without_offline_security
 from sd_emulator import NotifyListener, ServiceManager
 
 from edge_llama.client import Client
@@ -55,7 +55,7 @@ def test_notify_sequence_reload_and_stop(daemons: Daemons, notify: NotifyListene
         assert c.call({"op": "health"})["queue"]["limit"] == 3
         for word in ("one", "two"):
             c.call({"op": "chat", "messages": [{"role": "user", "content": word}], "session": "s"})
-    stored = json.loads((daemons.workdir / "state" / "sessions" / "s.json").read_text())
+    stored = json.loads((daemons.workdir / "state" / "sessions" / str(os.getuid()) / "s.json").read_text())
     assert [m["content"] for m in stored["messages"]] == ["two", "abc" * 20]  # the new history limit
 
     # SIGHUP with a bad config: refused, the daemon keeps running with the old one.
@@ -210,9 +210,10 @@ def test_units_verify_cleanly(units: Path) -> None:
     assert (out.returncode, out.stdout + out.stderr) == (0, "")  # verify exits 0 on bad keys: any output fails
 
 
-def security(units: Path) -> tuple[float, str]:
+def security(units: Path, unit: str = "edge-llama.service") -> tuple[float, str]:
     """The unit's exposure level. (--threshold takes only whole numbers, so the score is compared here.)"""
-    out = subprocess.run(["systemd-analyze", "security", "--offline=true", "edge-llama.service"], cwd=units,
+    skip_without_offline_security()
+    out = subprocess.run(["systemd-analyze", "security", "--offline=true", unit], cwd=units,
                          capture_output=True, text=True, timeout=60)
     line = out.stdout.strip().splitlines()[-1]  # "-> Overall exposure level for edge-llama.service: 0.7 SAFE"
     assert out.returncode == 0, out.stderr
@@ -232,6 +233,30 @@ def test_service_security_score_is_what_the_readme_claims(units: Path) -> None:
                               if not ln.startswith(("Private", "Protect", "Restrict", "SystemCall", "Capability"))))
     score, line = security(units)
     assert score > SECURITY_CLAIM, line
+
+
+WYOMING_CLAIM = 1.5  # the Wyoming server listens on TCP; its exposure stays at most this
+
+
+def test_wyoming_unit_has_network_for_its_port_only(units: Path) -> None:
+    unit = units / "edge-llama-wyoming.service"
+    text = (UNITS / unit.name).read_text().replace("/opt/edge-llama/venv", str(Path(sys.executable).parent.parent))
+    unit.write_text(text)
+    out = subprocess.run(["systemd-analyze", "verify", unit.name], cwd=units, capture_output=True, text=True,
+                         timeout=60)
+    assert (out.returncode, out.stdout + out.stderr) == (0, "")
+    lines = text.splitlines()
+    # AF_NETLINK: zeroconf lists the interfaces with getifaddrs(3); nothing else beyond its sockets.
+    assert "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK" in lines and "IPAddressDeny=any" in lines
+    allowed = next(ln for ln in lines if ln.startswith("IPAddressAllow=")).split("=", 1)[1].split()
+    assert "any" not in allowed and "0.0.0.0/0" not in allowed and "::/0" not in allowed
+    score, line = security(units, unit.name)
+    print(line)
+    assert score <= WYOMING_CLAIM, line
+    # The check can fail: the same unit without its network and sandbox restrictions is refused.
+    unit.write_text("\n".join(ln for ln in lines if not ln.startswith(
+        ("RestrictAddressFamilies", "IPAddress", "Private", "Protect", "SystemCall"))))
+    assert security(units, unit.name)[0] > WYOMING_CLAIM
 
 
 def test_deploy_scripts_parse_and_shipped_configs_are_valid() -> None:

@@ -2,85 +2,53 @@
 cutting answers into sentences), in one process with real models and, where the daemon is involved, a real daemon.
 
 Speech fixtures are made at test time with espeak-ng (two voices, two speeds), plus one recording of a real person
-shipped in a PyPI wheel (useful-moonshine-onnx's beckett.wav, 10 s, Samuel Beckett's "Ever tried. Ever failed...").
-The word error rate on each is printed (pytest -s) and bounded.
+(tests/voice_helpers.py). The word error rate on each is printed (pytest -s) and bounded.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
-import os
 import re
 import struct
 import subprocess
 import sys
 from collections.abc import Iterator
-from functools import cache
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import Daemons, fake_config, guarded
+from voice_helpers import (
+    BECKETT,
+    LONG_REPLY,
+    Recorded,
+    beckett_path,
+    say,
+    spoken_seconds,
+    voiced_spans,
+    wait_until,
+)
 
-os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in these tests may reach a model hub
-
-from conftest import Daemons, fake_config  # noqa: E402
-
-from edge_llama.config import VoiceConfig, from_dict  # noqa: E402
-from edge_llama.errors import ConfigError, ModelError  # noqa: E402
-from edge_llama.voice.answer import Conversation  # noqa: E402
-from edge_llama.voice.asr import TINY_EN, Recognizer, embedded_model  # noqa: E402
-from edge_llama.voice.audio import FRAME, RATE, ArrayCapture, Resampler, WavWriter, read_speech_wav  # noqa: E402
-from edge_llama.voice.loop import VirtualOutput, VoiceLoop  # noqa: E402
-from edge_llama.voice.player import Player  # noqa: E402
-from edge_llama.voice.text import SentenceSplitter, strip_wake_phrase, wer, word_errors  # noqa: E402
-from edge_llama.voice.tts import Espeak, Piper  # noqa: E402
-from edge_llama.voice.vad import Endpointer, Event, SileroVad  # noqa: E402
+from edge_llama.config import VoiceConfig, from_dict
+from edge_llama.errors import ConfigError, ModelError
+from edge_llama.voice.answer import Conversation, Turn
+from edge_llama.voice.asr import TINY_EN, Recognizer, Transcript, embedded_model
+from edge_llama.voice.audio import FRAME, RATE, ArrayCapture, OutputDriver, Resampler, WavWriter, read_speech_wav
+from edge_llama.voice.loop import VirtualOutput, VoiceLoop
+from edge_llama.voice.player import Player
+from edge_llama.voice.text import SentenceSplitter, strip_wake_phrase, wer, word_errors
+from edge_llama.voice.tts import Espeak, Piper
+from edge_llama.voice.vad import Endpointer, Event, SileroVad
 
 # Questions a voice assistant hears; each fixture voice/speed says all of them.
 SENTENCES = ["What is the capital of France?", "How many legs does a spider have?",
              "Please turn on the kitchen lights.", "Set a timer for ten minutes.", "Who wrote Romeo and Juliet?",
              "What is the boiling point of water?", "Tell me a fun fact about cats.", "Why is the sea salty?"]
 FIXTURE_VOICES = [("en-us", 140), ("en-us", 180), ("en-gb", 140), ("en-gb", 180)]
-BECKETT = "Ever tried. Ever failed. No matter. Try again. Fail again. Fail better."
-
-
-@cache
-def say(text: str, voice: str = "en-us", wpm: int = 175) -> np.ndarray:
-    """espeak-ng speech at 16 kHz (what a microphone would give the voice loop)."""
-    tts = Espeak(voice, wpm)
-    return Resampler(tts.rate, RATE)(np.concatenate(list(tts.synthesize(text))))
-
-
-def spoken_seconds(text: str, voice: str = "en-us", wpm: int = 175) -> float:
-    """How long the default espeak-ng voice takes to say an answer, piece by piece as the loop speaks it."""
-    tts = Espeak(voice, wpm)
-    splitter = SentenceSplitter()
-    pieces = splitter.feed(text) + splitter.flush()
-    return sum(len(c) for p in pieces for c in tts.synthesize(p)) / tts.rate
-
-
-def beckett_path() -> Path:
-    spec = importlib.util.find_spec("moonshine_onnx")
-    assert spec is not None and spec.submodule_search_locations, "tools/setup.sh installs useful-moonshine-onnx"
-    return Path(list(spec.submodule_search_locations)[0]) / "assets" / "beckett.wav"
-
-
-def voiced_spans(samples: np.ndarray, rate: int, gap_s: float = 0.3, threshold: float = 0.01) -> list[tuple]:
-    """(start s, end s) of the stretches of sound separated by at least gap_s of near silence."""
-    loud = np.nonzero(np.abs(samples) > threshold)[0]
-    if not len(loud):
-        return []
-    spans, start, prev = [], loud[0], loud[0]
-    for i in loud[1:]:
-        if i - prev > gap_s * rate:
-            spans.append((start / rate, prev / rate))
-            start = i
-        prev = i
-    spans.append((start / rate, prev / rate))
-    return spans
+TESTS = str(Path(__file__).parent)  # safety_hooks.py, for the daemon
 
 
 @pytest.fixture(scope="module")
@@ -317,28 +285,6 @@ class Room:
             yield frame
 
 
-class Recorded:
-    live = False
-
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str]] = []
-
-    def state(self, name: str, text: str = "") -> None:
-        pass
-
-    def said(self, who: str, text: str) -> None:
-        self.lines.append((who, text))
-
-    def note(self, text: str) -> None:
-        self.lines.append(("note", text))
-
-
-# One long sentence: its first clause is spoken while the rest is generated (30 ms a token), so a barge-in lands
-# while the daemon is still generating, and the audio has no pause to hide the cut in.
-LONG_REPLY = ("Paris is the capital of France and it lies on the river Seine, in the north of the country where "
-              "millions of people live and work and visit the museums every single day of the year.")
-
-
 def run_room(daemons: Daemons, recognizer: Recognizer, workdir: Path, user: np.ndarray, echo_db: float) -> tuple:
     daemon = daemons.start(fake_config(reply=LONG_REPLY, token_delay_ms=30))
     config = dataclasses.replace(VoiceConfig(), max_tokens=256)
@@ -382,3 +328,83 @@ def test_user_talking_over_the_answer_interrupts_it(daemons: Daemons, recognizer
     cut = next(end for start, end in spans if start < onset < end + 0.2)
     voiced = np.nonzero(np.abs(second) > 0.01)[0][0] / RATE
     assert cut - (onset + voiced) <= 0.15, (cut, onset + voiced)
+
+
+# --- the conversation the daemon keeps ---------------------------------------------------------------------------
+def stored_messages(daemons: Daemons, session: str) -> list[dict]:
+    (path,) = (daemons.workdir / "state" / "sessions").rglob(f"{session}.json")
+    return json.loads(path.read_text())["messages"]
+
+
+def heard(text: str) -> Future[Transcript]:
+    future: Future[Transcript] = Future()
+    future.set_result(Transcript(text=text, seconds=len(text) / 15))
+    return future
+
+
+def test_system_prompt_holds_after_a_blocked_and_a_cancelled_first_turn(daemons: Daemons) -> None:
+    """The daemon does not keep a turn that was blocked, or cancelled before any text: the voice system prompt must
+    not have gone with it (it used to be sent with the first turn only)."""
+    rules = [{"category": "keyword", "block": 0.5, "on": ["input"]}]
+    config = guarded(fake_config(prompt_delay_ms=5), hooks=["safety_hooks:KeywordHook"], rules=rules)
+    daemon = daemons.start(config, env={"PYTHONPATH": TESTS})
+    voice, status = VoiceConfig(), Recorded()
+    conversation = Conversation(daemon.socket, voice, status, session="kitchen")
+    tts = Espeak(voice.espeak_voice, voice.speech_rate_wpm)
+
+    def turn(number: int, text: str) -> Turn:
+        return Turn(number, [heard(text)], conversation, tts, Player(tts.rate), status, lambda t: t).start()
+
+    blocked = turn(1, "say forbidden-word")
+    blocked.join(60)
+    assert blocked.finish == "safety" and blocked.done.is_set()
+    cancelled = turn(2, "are you there")  # cancelled while the daemon reads its prompt (5 ms a prompt token)
+    wait_until(lambda: "sent" in cancelled.times or cancelled.done.is_set(), what="the request sent")
+    cancelled.cancel()
+    cancelled.join(60)
+    assert cancelled.finish == "cancelled" and not cancelled.answer
+    answered = turn(3, "hello there")
+    answered.join(60)
+    assert answered.answer == "You said: hello there"
+    messages = stored_messages(daemons, "kitchen")
+    assert messages[0] == {"role": "system", "content": voice.system_prompt}, messages
+    assert [m["content"] for m in messages[1:]] == ["hello there", "You said: hello there"]
+
+
+def test_a_question_interrupted_before_its_answer_was_heard_is_kept_once(daemons: Daemons, recognizer: Recognizer
+                                                                         ) -> None:
+    """The user goes on talking while the daemon already answers: the answer is cut before any of it was heard and
+    both parts are one question. The daemon had stored the first part (with the start of its answer) when the
+    cut came, so it must not be asked again."""
+    daemon = daemons.start(fake_config(reply="Paris is the capital. It is big.", token_delay_ms=40))
+    config = dataclasses.replace(VoiceConfig(), max_tokens=64, partial_transcripts=False)
+    status = Recorded()
+    first, second = say("What is the capital of France?"), say("Tell me about Germany instead.")
+    silence = np.zeros(RATE // 2, np.float32)
+    loop: VoiceLoop | None = None
+
+    def microphone() -> Iterator[np.ndarray]:
+        yield from (silence, first, silence, silence)  # the question, and the 300 ms that end it
+        assert loop is not None and loop.turns, status.lines
+        # until the daemon's answer arrives (a piece of it is spoken from 21 tokens, 0.8 s, on)
+        wait_until(lambda: bool(loop.turns[0].answer) or loop.turns[0].done.is_set(), what="the first answer")
+        assert not loop.turns[0].played
+        yield from (second, silence, silence)
+
+    tts = Espeak(config.espeak_voice, config.speech_rate_wpm)
+    player = Player(tts.rate)
+    output = OutputDriver(tts.rate)  # plays on the wall clock, into nothing
+    loop = VoiceLoop(config, ArrayCapture(microphone()), player, recognizer, tts,
+                     Conversation(daemon.socket, config, status, session="barge"), status, vad=SileroVad())
+    output.start(player.pull)
+    try:
+        loop.run()
+    finally:
+        loop.stop()
+        output.close()
+    assert loop.barge_ins == 1 and len(loop.turns) == 2, status.lines
+    assert loop.turns[0].finish == "cancelled" and loop.turns[0].answer and not loop.turns[0].played
+    assert "france" in loop.turns[1].text.lower() and "germany" in loop.turns[1].text.lower()
+    asked = [m["content"] for m in stored_messages(daemons, "barge") if m["role"] == "user"]
+    assert sum("France" in text for text in asked) == 1, asked
+    assert "Germany" in asked[-1] and loop.turns[1].finish == "stop", asked

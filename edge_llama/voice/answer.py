@@ -52,7 +52,6 @@ class Conversation:
         self.sock, self.config, self.status = sock, config, status
         self.named = session is not None
         self.session = session or new_session_id()
-        self._first = True
 
     def connect(self, wait_s: float) -> Client:
         """A connection, retrying for up to `wait_s` while the daemon is not there (starting, restarting)."""
@@ -83,11 +82,13 @@ class Conversation:
             time.sleep(0.25)
 
     def request(self, text: str) -> dict[str, Any]:
+        """The chat request of one turn. The system prompt goes with every turn (the daemon replaces the stored
+        one with it): a first turn that was blocked or cancelled before any text is not stored, and a system
+        prompt sent only with it would be lost for the rest of the conversation."""
         messages = []
-        if self._first and self.config.system_prompt:
+        if self.config.system_prompt:
             messages.append({"role": "system", "content": self.config.system_prompt})
         messages.append({"role": "user", "content": text})
-        self._first = False
         return {"op": "chat", "messages": messages, "session": self.session, "stream": True,
                 "max_tokens": self.config.max_tokens}
 
@@ -103,9 +104,12 @@ class Turn:
     """Transcript -> (wake check) -> the daemon's streamed answer -> sentences -> TTS -> the player."""
 
     def __init__(self, turn_id: int, transcripts: list[Future[Transcript]], conversation: Conversation,
-                 tts: Tts, player: Player, status: Status, accept: Callable[[str], str | None]) -> None:
+                 tts: Tts, player: Player, status: Status, accept: Callable[[str], str | None],
+                 interrupted: Turn | None = None) -> None:
         self.id = turn_id
         self.transcripts = transcripts  # an interrupted turn that had not spoken yet hands its words on
+        self.interrupted = interrupted  # that turn (its transcripts lead this turn's)
+        self.in_session = 0  # how many of the leading transcripts the daemon's session holds after this turn
         self.conversation, self.tts, self.player, self.status = conversation, tts, player, status
         self._accept = accept
         self.epoch = player.epoch
@@ -129,6 +133,12 @@ class Turn:
     @property
     def played(self) -> bool:
         return "first_sample" in self.times
+
+    @property
+    def stored(self) -> bool:
+        """The daemon kept this exchange in the session: it stores a turn with any answer text, cancelled or not,
+        except a blocked one (docs/protocol.md)."""
+        return bool(self.answer) and self.finish in ("stop", "length", "cancelled")
 
     def cancel(self) -> None:
         """Stop this answer: cancel the request on the daemon (protocol `cancel`) and stop its speech."""
@@ -156,6 +166,12 @@ class Turn:
             if not request:  # the wake phrase alone: answer it without asking the daemon
                 self._speak("Yes?")
                 return
+            asked = self._asked_before()
+            if asked:  # the interrupted question is in the session already: ask only what was said after it
+                request = " ".join(t for t in texts[asked:] if t).strip()
+                if not request:
+                    self.status.note("nothing new heard after the interruption")
+                    return
             self.status.state("thinking", self.text)
             self._ask(request)
         except CancelledError:  # leaving: the recognition this turn waited for was dropped
@@ -169,10 +185,20 @@ class Turn:
             self.error = f"{type(exc).__name__}: {exc}"
             self.status.note(f"internal error: {self.error}")
         finally:
+            self.in_session = len(self.transcripts) if self.stored else self._asked_before()
             if self.answer or self.cancelled.is_set():
                 self.status.said("assistant", self.answer + (" [interrupted]" if self.cancelled.is_set() else ""))
             self.done.set()
             self.player.notify()
+
+    def _asked_before(self) -> int:
+        """How many leading transcripts an interrupted turn left in the daemon's session (0 without one). Its
+        question is there, with what was made of its answer, when the daemon stored that turn: asking it again
+        would put it in the conversation twice."""
+        if self.interrupted is None:
+            return 0
+        self.interrupted.done.wait(READ_TIMEOUT_S)  # its `done` says whether the daemon stored it
+        return self.interrupted.in_session
 
     def _ask(self, request_text: str) -> None:
         client = self.conversation.connect(self.conversation.config.daemon_wait_s)

@@ -107,6 +107,12 @@ def read_wav(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
         raise AudioError(f"{path}: not a PCM WAV file ({exc})") from None
     except OSError as exc:
         raise AudioError(f"{path}: cannot read it ({exc.strerror})") from None
+    return pcm_to_float(raw, width, channels), rate
+
+
+def pcm_to_float(raw: bytes, width: int, channels: int) -> np.ndarray:
+    """Interleaved little-endian PCM (1 byte: unsigned; 2, 3, 4 bytes: signed) as mono float32 in [-1, 1], the
+    channels averaged. `raw` holds whole frames (width * channels bytes each)."""
     if width == 1:
         samples = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128) / 128
     elif width == 2:
@@ -118,7 +124,7 @@ def read_wav(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
         samples = np.frombuffer(raw, "<i4").astype(np.float32) / 2147483648
     if channels > 1:
         samples = samples.reshape(-1, channels).mean(axis=1)
-    return samples.astype(np.float32), rate
+    return samples.astype(np.float32, copy=False)
 
 
 def read_speech_wav(path: str | os.PathLike[str]) -> np.ndarray:

@@ -9,7 +9,8 @@ runs in a one-thread pool, each answer in its own Turn thread (answer.py), playb
 - Barge-in: speech while an answer is being prepared or spoken stops the player at once (the output goes
   silent at its next 10 ms block) and cancels the turn, which sends `cancel` to the daemon; the new utterance is
   then heard as usual. An answer interrupted before any of it was played hands its transcript on: the user was
-  still talking, and the next question is both parts together.
+  still talking, and the next question is both parts together. (If the daemon had already stored the first part
+  with the start of its answer, only the new words are sent: the question is in the conversation once.)
 - Echo gate (so the assistant does not interrupt itself): while the assistant speaks, a frame counts as speech
   only if Silero says so AND the microphone is at least voice.barge_in_margin_db louder than the loudest block
   played in the last 300 ms. The assistant's voice reaches the microphone weaker than it was played (unless the
@@ -84,7 +85,7 @@ class VoiceLoop:
         self._asr = ThreadPoolExecutor(1, thread_name_prefix="voice-asr")
         self._asr_pending: set[Future[Transcript]] = set()
         self._speculative: Future[Transcript] | None = None
-        self._carry: list[Future[Transcript]] = []
+        self._interrupted: Turn | None = None  # a turn cut off before it spoke: the next one carries its words on
         self._partial_at = 0
         self._ptt_frames: list[np.ndarray] | None = None
         self._awake = False  # the wake phrase was said alone: the next utterance needs none
@@ -218,9 +219,10 @@ class VoiceLoop:
 
     def _start_turn(self, transcript: Future[Transcript]) -> None:
         self.times["endpoint"] = time.monotonic()
-        carry, self._carry = self._carry, []
+        interrupted, self._interrupted = self._interrupted, None
+        carry = interrupted.transcripts if interrupted else []
         turn = Turn(len(self.turns) + 1, carry + [transcript], self.conversation, self.tts, self.player,
-                    self.status, self._accept)
+                    self.status, self._accept, interrupted)
         turn.times["endpoint"] = self.times["endpoint"]
         self.turns.append(turn)
         self.turn = turn
@@ -238,7 +240,7 @@ class VoiceLoop:
         if not turn.done.is_set():
             turn.cancel()
             if not turn.played:
-                self._carry = turn.transcripts  # still talking: the next question is both parts together
+                self._interrupted = turn  # still talking: the next question is both parts together
         self.barge_ins += 1
         turn.times["barge_in"] = self.times["heard"]
 
