@@ -10,7 +10,7 @@ demo: setup
 
 # Speaks the daemon's answer to a bundled spoken question (edge_llama/data/voice/question.wav) into voice-demo.wav.
 voice-demo: setup
-	@HF_HUB_OFFLINE=1 $(PY) -c 'import sys; from edge_llama.voice.cli import demo; sys.exit(demo())'
+	@HF_HUB_OFFLINE=1 $(PY) tools/voice_demo.py
 
 test: setup
 	@$(PY) -m ruff check edge_llama tests tools
@@ -25,6 +25,7 @@ bench: setup
 	@$(PY) tools/bench/safety.py
 	@$(PY) tools/bench/reliability.py
 	@HF_HUB_OFFLINE=1 $(PY) tools/bench/voice.py
+	@HF_HUB_OFFLINE=1 $(PY) tools/bench/wyoming.py
 	@$(PY) tools/bench/awq_quality.py
 
 clean:

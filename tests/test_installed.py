@@ -83,5 +83,6 @@ def test_installed_daemon_serves_chat_and_summaries_with_safety_on(venv: Path, w
         status = run(venv / "bin" / "edge-llama", "status", "--socket", daemon.socket, cwd=elsewhere)
         assert "ready" in status
     finally:
-        assert daemon.stop() == 0, (workdir / "daemon.log").read_text()
+        stopped = daemon.stop()  # (asserted below: a failure above must not be hidden by this one)
+    assert stopped == 0, (workdir / "daemon.log").read_text()
     assert "Traceback" not in (workdir / "daemon.log").read_text()

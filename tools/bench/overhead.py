@@ -44,6 +44,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def via_socket(client: Client, text: str, max_tokens: int) -> dict:
+    """One streamed greedy chat through a daemon; client-side timings."""
     sent = time.perf_counter()
     rid = client.send({"op": "chat", "messages": [{"role": "user", "content": text}], "temperature": 0,
                        "max_tokens": max_tokens})
@@ -55,9 +56,10 @@ def via_socket(client: Client, text: str, max_tokens: int) -> dict:
             first = first or last
             pieces.append(event["text"])
         elif event["event"] == "done":
-            n = event["usage"]["completion_tokens"]
-    return {"ttft_ms": (first - sent) * 1000, "decode_tok_s": (n - 1) / (last - first), "tokens": n,
-            "text": "".join(pieces)}
+            done = event
+    n = done["usage"]["completion_tokens"]
+    return {"ttft_ms": (first - sent) * 1000, "decode_tok_s": (n - 1) / (last - first) if n > 1 else 0.0,
+            "tokens": n, "text": "".join(pieces), "prompt_tokens": done["usage"]["prompt_tokens"]}
 
 
 def direct(engine: LlamaCppEngine, template, text: str, max_tokens: int) -> dict:  # type: ignore[no-untyped-def]
