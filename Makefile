@@ -20,7 +20,13 @@ lint: setup
 	@$(PY) -m ruff check edge_llama tests tools
 
 bench: setup
+	@$(PY) tools/bench/peer.py
+	@$(PY) tools/bench/ngram.py
 	@$(PY) tools/bench/overhead.py
+	@$(PY) tools/bench/trtllm_overhead.py
+	@$(PY) tools/bench/structured.py
+	@$(PY) tools/bench/tool_calls.py
+	@$(PY) tools/bench/ha_prompt.py
 	@$(PY) tools/bench/http_overhead.py
 	@$(PY) tools/bench/safety.py
 	@$(PY) tools/bench/reliability.py

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import tempfile
@@ -20,6 +21,11 @@ from edge_llama.launch import DaemonProcess
 FAKE: dict[str, Any] = {"engine": {"backend": "fake", "kv_tokens": 512},
                         "generation": {"max_tokens": 64, "max_tokens_ceiling": 256},
                         "summarize": {"summary_tokens": 32}, "safety": {"enabled": False}}
+
+
+def own_sessions(state: Path) -> Path:
+    """Where the daemon keeps the sessions this process's chats create: one directory per client uid."""
+    return state / "sessions" / str(os.getuid())
 
 
 def fake(server: dict[str, Any] | None = None, kv_tokens: int = 512, **script: Any) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from reliability_common import Lab, chat_request, fake, tracebacks
+from reliability_common import Lab, chat_request, fake, own_sessions, tracebacks
 
 import edge_llama
 from edge_llama.client import Client
@@ -42,9 +42,10 @@ def full_disk(lab: Lab, force_unwritable: bool = False) -> dict[str, Any]:
         if "skipped" in launch:
             return {"method": launch["skipped"], "skipped": True, "unexpected": 0}
         method = f"state directory made unwritable (mode 0500) for uid {NOBODY} (setpriv)"
-    sessions = state / "sessions"
+    sessions = own_sessions(state)
     return exercise(lab, state, method, errno.EACCES, fill=lambda: sessions.chmod(0o500),
                     unfill=lambda: sessions.chmod(0o700), **launch)
+
 
 
 def fill(path: Path) -> None:
@@ -92,7 +93,7 @@ def exercise(lab: Lab, state: Path, method: str, code: int, fill: Callable[[], N
     """Session chats fail with an error naming the session and the reason, within seconds; the existing session's
     file is untouched; chats without a session are served; once the disk has room again, sessions work."""
     d = lab.start(fake(reply="f" * 200, kv_tokens=8192), name=name, state_dir=state, **launch)
-    sessions = state / "sessions"
+    sessions = own_sessions(state)
     with Client(d.socket, timeout=60) as c:
         c.call({**chat_request("keep this"), "session": "kept", "stream": False})
         kept = (sessions / "kept.json").read_bytes()

@@ -12,7 +12,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from reliability_common import Lab, RawConnection, chat_request, fake, percentile, stats, wait_idle
+from reliability_common import (
+    Lab,
+    RawConnection,
+    chat_request,
+    fake,
+    own_sessions,
+    percentile,
+    stats,
+    wait_idle,
+)
 
 from edge_llama.client import Client
 from edge_llama.errors import Busy, EdgeLlamaError, Unavailable
@@ -177,7 +186,7 @@ def sigkill(lab: Lab, kills: int, sessions: int, seed_value: int) -> dict[str, A
     during_write = turns = 0
     for _ in range(kills):
         d = lab.start(config, name="kill", state_dir=state)
-        temps = set((state / "sessions").glob(".*.tmp"))
+        temps = set(own_sessions(state).glob(".*.tmp"))
         inflight: dict[str, str] = {}
         before = sum(len(c) for c in committed.values())
         threads = [threading.Thread(target=converse, args=(d.socket, s, committed, inflight, errors))
@@ -190,9 +199,9 @@ def sigkill(lab: Lab, kills: int, sessions: int, seed_value: int) -> dict[str, A
             thread.join(timeout=30)
         turns += (sum(len(c) for c in committed.values()) - before) // 2
         # A temp file left behind: the kill landed inside a save (after mkstemp, before the rename).
-        during_write += bool(set((state / "sessions").glob(".*.tmp")) - temps)
+        during_write += bool(set(own_sessions(state).glob(".*.tmp")) - temps)
         for session in committed:
-            verdict, committed[session] = check_session(state / "sessions" / f"{session}.json", committed[session],
+            verdict, committed[session] = check_session(own_sessions(state) / f"{session}.json", committed[session],
                                                         inflight.get(session))
             verdicts[verdict] += 1
     d = lab.start(config, name="kill", state_dir=state)  # the last restart: every session goes on
@@ -200,7 +209,7 @@ def sigkill(lab: Lab, kills: int, sessions: int, seed_value: int) -> dict[str, A
         continued = sum(c.call({**chat_request("and now?"), "session": s, "stream": False, "max_tokens": 256}
                                ).get("finish_reason") == "stop" for s in committed)
     for session, previous in committed.items():  # the new turn follows the whole history kept through the kills
-        verdict, _ = check_session(state / "sessions" / f"{session}.json", previous, "and now?")
+        verdict, _ = check_session(own_sessions(state) / f"{session}.json", previous, "and now?")
         continued -= verdict != "new"
     return {"kills": kills, "kills_during_write": during_write, "turns_answered": turns,
             "sessions_checked": sum(verdicts.values()), "previous": verdicts["previous"], "new": verdicts["new"],

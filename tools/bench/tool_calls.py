@@ -361,7 +361,7 @@ ROWS = (
     ("returned calls with invalid arguments", "invalid_arguments", None),
     ("replies with a malformed call (dropped)", "malformed", None),
     ("replies cut inside a call (budget)", "cut_in_call", None),
-    ("replies with call-like text in content", "leaked_into_content", None),
+    ("replies whose content names a tool or spells call keys (prose; not a call)", "leaked_into_content", None),
     ("replies that hit max_tokens", "finish_length", None),
 )
 
