@@ -52,6 +52,9 @@ class EngineConfig:
     # llamacpp: prompt-lookup speculative decoding (drafts copied from the prompt, verified in one batch); the
     # same tokens (greedy) or the same distribution (sampling) as "off"
     speculative: Literal["off", "ngram"] = "ngram"
+    # llamacpp: host RAM for the KV state of earlier conversations (engine/prompt_cache.py): one that comes back
+    # after another evicted it is restored, not evaluated again. 0 = off.
+    prompt_cache_mib: int = 64
     chat_template: str | None = None  # None = the model's own; else a built-in name or a .jinja file path
     fake: FakeEngineConfig = field(default_factory=FakeEngineConfig)
 
@@ -403,6 +406,7 @@ def _checked(config: Config) -> Config:
         ("engine.threads", e.threads is None or e.threads >= 1, "must be at least 1"),
         ("engine.gpu_layers", e.gpu_layers is None or e.gpu_layers >= 0, "must be 0 or more (null = all on a GPU)"),
         ("engine.batch_tokens", 1 <= e.batch_tokens <= 4096, "must be between 1 and 4096"),
+        ("engine.prompt_cache_mib", 0 <= e.prompt_cache_mib <= 65536, "must be between 0 and 65536"),
         ("server.socket_mode", 0 <= s.socket_mode <= 0o777, "must be a file mode such as 0o660"),
         ("server.max_line_bytes", s.max_line_bytes >= 1024, "must be at least 1024"),
         ("server.max_messages", s.max_messages >= 1, "must be at least 1"),

@@ -39,6 +39,13 @@ def run(engine: LlamaCppEngine, messages: list[Message], params: GenParams = GRE
     return "".join(c.text for c in chunks), chunks[-1].finish or "", sum(c.finish is None for c in chunks)
 
 
+def forget_all(engine: LlamaCppEngine) -> None:
+    """Nothing cached: neither in the KV cache nor in the prompt cache (the next prompt is evaluated afresh)."""
+    engine._forget_from(0)
+    if engine._prompt_cache is not None:
+        engine._prompt_cache.clear()
+
+
 def test_same_answer_as_llama_cpp_python_chat(engine: LlamaCppEngine) -> None:
     """Our template rendering + generation loop reproduce llama-cpp-python's own greedy chat completion (with
     flash attention and the KV cache types our engine uses on the CPU: K f16, V bf16)."""
@@ -87,7 +94,7 @@ def test_second_turn_evaluates_only_new_tokens(engine: LlamaCppEngine) -> None:
     assert 0 < sum(evaluated) < 40 < prompt_len  # only the answer's end and the new question were evaluated
     # The cached prefix gives the same reply as evaluating the whole conversation afresh.
     cached = run(engine, second)
-    engine._forget_from(0)
+    forget_all(engine)
     assert run(engine, second) == cached
 
 
@@ -156,7 +163,7 @@ def test_cancel_lands_inside_a_prompt_batch() -> None:
         ids = template_for(None, e.template_info).tokenize(messages, e.tokenize)
         assert len(ids) > 512
         expected = run(e, messages, GenParams(max_tokens=8, temperature=0.0))
-        e._forget_from(0)
+        forget_all(e)
         cancel = threading.Event()
         calls = []
         original = e._should_abort
@@ -320,3 +327,46 @@ def test_vocabulary_for_constrained_decoding(engine: LlamaCppEngine) -> None:
     assert vocab.pieces[hello] == b" hello"
     assert vocab.tokenize(b"hello world") == engine.tokenize("hello world", special=False)
     assert vocab.tokenize(b"<|im_end|>") != [im_end]  # forced text is never parsed as a special token
+
+
+def test_a_conversation_evicted_by_another_is_restored_not_evaluated_again(engine: LlamaCppEngine) -> None:
+    """The prompt cache: A, then B (which evicts A from the KV cache), then A's next turn evaluates only what is
+    new, and answers exactly as a fresh engine does."""
+    a = [Message("system", "You are the house assistant. " * 20), Message("user", "Is the kitchen light on?")]
+    b = [Message("user", "Write one sentence about the moon.")]
+    run(engine, a)
+    run(engine, b)
+    evaluated: list[int] = []
+    original = engine._decode
+
+    def spy(tokens: list[int], all_logits: bool) -> bool:
+        if not all_logits:
+            evaluated.append(len(tokens))
+        return original(tokens, all_logits)
+
+    a_again = [*a[:1], Message("user", "And the bedroom light?")]
+    engine._decode = spy  # type: ignore[method-assign]
+    try:
+        restored = run(engine, a_again)
+    finally:
+        del engine._decode
+    prompt_len = len(engine.tokenize(template_for(None, engine.template_info).render(a_again)))
+    assert prompt_len > 120 and 0 < sum(evaluated) < 30  # the system prompt came back from RAM
+    assert engine._prompt_cache is not None and len(engine._prompt_cache) >= 1
+    forget_all(engine)
+    assert run(engine, a_again) == restored  # the same reply as evaluating it all afresh
+
+
+def test_the_prompt_cache_keeps_within_its_limit_and_drops_what_a_longer_state_holds() -> None:
+    from edge_llama.engine.prompt_cache import PromptCache
+
+    cache = PromptCache(limit_bytes=100)
+    cache.put([1, 2, 3], b"x" * 40)
+    cache.put([1, 2, 3, 4], b"y" * 40)  # holds all [1, 2, 3] did
+    assert len(cache) == 1 and cache.size_bytes == 40
+    cache.put([7, 8], b"z" * 40)
+    assert cache.best([1, 2, 9])[:2] == (2, (1, 2, 3, 4))  # type: ignore[index]
+    cache.put([5], b"w" * 40)  # over 100 bytes: the least recently used ([7, 8]) goes
+    assert cache.best([7, 8]) is None and cache.size_bytes == 80
+    cache.put([6], b"v" * 101)  # larger than the whole cache: not kept
+    assert cache.best([6]) is None

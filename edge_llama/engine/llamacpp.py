@@ -41,6 +41,7 @@ from edge_llama.engine.base import (
     common_prefix_len,
 )
 from edge_llama.engine.ngram import DRAFT_MAX, DraftPolicy, NgramDrafter
+from edge_llama.engine.prompt_cache import MIN_TOKENS, PromptCache
 from edge_llama.engine.sampling import Sampler, apply_mask
 from edge_llama.errors import ConfigError, InternalError, ModelError
 
@@ -91,6 +92,8 @@ class LlamaCppEngine(Engine):
         self._kv: list[int] = []  # the tokens whose KV cells hold positions 0 .. len - 1 of sequence 0, nothing more
         self._cancel: threading.Event | None = None  # read by the abort callback while a prompt is evaluated
         self._drafts = DraftPolicy()
+        mib = config.prompt_cache_mib
+        self._prompt_cache = PromptCache(mib << 20) if mib else None
 
     def load(self) -> None:
         try:
@@ -179,6 +182,8 @@ class LlamaCppEngine(Engine):
             self._llm.close()
             self._llm = None
             self._kv = []
+            if self._prompt_cache is not None:
+                self._prompt_cache.clear()
 
     def _piece(self, token: int, special: bool) -> bytes:
         import llama_cpp
@@ -324,6 +329,8 @@ class LlamaCppEngine(Engine):
         # Prefix reuse: turn N of a conversation evaluates only what is new. The last prompt token is evaluated
         # again when everything is cached: its logits are needed.
         cached = min(common_prefix_len(self._kv, prompt), len(prompt) - 1)
+        if self._prompt_cache is not None:
+            cached = self._swap_states(prompt, cached)
         self._forget_from(cached)
         if len(prompt) - cached > ABORT_MIN_TOKENS:
             self._cancel = cancel
@@ -339,6 +346,33 @@ class LlamaCppEngine(Engine):
                 llama_cpp.llama_set_abort_callback(self._ctx, self._no_abort, None)
                 self._cancel = None
         return True
+
+    def _swap_states(self, prompt: list[int], cached: int) -> int:
+        """Before `prompt` drops what the KV cache holds beyond its first `cached` tokens: keep that state in the
+        prompt cache, and restore the cached state that holds more of `prompt`, if one does. Returns the tokens of
+        `prompt` now in the KV cache."""
+        import llama_cpp
+
+        cache = self._prompt_cache
+        assert cache is not None
+        if len(self._kv) - cached >= MIN_TOKENS:
+            size = llama_cpp.llama_state_seq_get_size(self._ctx, 0)
+            state = (ctypes.c_ubyte * size)()
+            written = llama_cpp.llama_state_seq_get_data(self._ctx, state, size, 0)
+            if written:
+                cache.put(self._kv, bytes(state)[:written])
+        found = cache.best(prompt)
+        if found is None or min(found[0], len(prompt) - 1) - cached < MIN_TOKENS:
+            return cached
+        n, tokens, state = found
+        llama_cpp.llama_memory_seq_rm(self._memory, 0, 0, -1)
+        self._kv = []
+        buffer = (ctypes.c_ubyte * len(state)).from_buffer_copy(state)
+        if not llama_cpp.llama_state_seq_set_data(self._ctx, buffer, len(state), 0):
+            llama_cpp.llama_memory_clear(self._memory, True)  # nothing half restored stays
+            return 0
+        self._kv = list(tokens)
+        return min(n, len(prompt) - 1)
 
     def generate(self, prompt_ids: Sequence[int], params: GenParams, cancel: threading.Event) -> Iterator[Chunk]:
         self._loaded()
