@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Any
 
 from edge_llama.engine.base import common_prefix_len
 
@@ -27,7 +28,9 @@ MIN_TOKENS = 8
 class PromptCache:
     def __init__(self, limit_bytes: int) -> None:
         self.limit_bytes = limit_bytes
-        self._states: OrderedDict[tuple[int, ...], bytes] = OrderedDict()  # least recently used first
+        # tokens -> their KV state (a numpy uint8 array llama.cpp wrote it into; anything with len() in tests);
+        # least recently used first
+        self._states: OrderedDict[tuple[int, ...], Any] = OrderedDict()
         self._bytes = 0
 
     @property
@@ -37,10 +40,10 @@ class PromptCache:
     def __len__(self) -> int:
         return len(self._states)
 
-    def best(self, prompt: Sequence[int]) -> tuple[int, tuple[int, ...], bytes] | None:
+    def best(self, prompt: Sequence[int]) -> tuple[int, tuple[int, ...], Any] | None:
         """(tokens of `prompt` it holds, its tokens, its state) for the state sharing the longest prefix with
         `prompt`; None when none shares any."""
-        found: tuple[int, tuple[int, ...], bytes] | None = None
+        found: tuple[int, tuple[int, ...], Any] | None = None
         for tokens, state in self._states.items():
             n = common_prefix_len(tokens, prompt)
             if n and (found is None or n > found[0]):
@@ -53,7 +56,7 @@ class PromptCache:
         self._states.clear()
         self._bytes = 0
 
-    def put(self, tokens: Sequence[int], state: bytes) -> None:
+    def put(self, tokens: Sequence[int], state: Any) -> None:
         """Keep `state` (the KV of `tokens`), dropping the least recently used states beyond the limit and any
         state this one extends (it holds all they do)."""
         key = tuple(tokens)
