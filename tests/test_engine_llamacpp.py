@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
 from collections.abc import Iterator
@@ -37,6 +38,24 @@ def run(engine: LlamaCppEngine, messages: list[Message], params: GenParams = GRE
     ids = template.tokenize(messages, engine.tokenize)  # as the daemon does
     chunks = list(engine.generate(ids, params, cancel or threading.Event()))
     return "".join(c.text for c in chunks), chunks[-1].finish or "", sum(c.finish is None for c in chunks)
+
+
+@contextlib.contextmanager
+def prompt_batches(engine: LlamaCppEngine) -> Iterator[list[int]]:
+    """The sizes of the prompt batches the engine evaluates inside the block."""
+    evaluated: list[int] = []
+    original = engine._decode
+
+    def spy(tokens: list[int], all_logits: bool) -> bool:
+        if not all_logits:  # a prompt batch (speculative verification asks for every token's logits)
+            evaluated.append(len(tokens))
+        return original(tokens, all_logits)
+
+    engine._decode = spy  # type: ignore[method-assign]
+    try:
+        yield evaluated
+    finally:
+        del engine._decode
 
 
 def forget_all(engine: LlamaCppEngine) -> None:
@@ -76,21 +95,10 @@ def test_user_text_cannot_open_a_system_turn(engine: LlamaCppEngine) -> None:
 def test_second_turn_evaluates_only_new_tokens(engine: LlamaCppEngine) -> None:
     first = [Message("user", "Tell me a fact about the sea.")]
     answer, _, _ = run(engine, first)
-    evaluated: list[int] = []
-    original = engine._decode
-
-    def spy(tokens: list[int], all_logits: bool) -> bool:
-        if not all_logits:  # a prompt batch (speculative verification asks for every token's logits)
-            evaluated.append(len(tokens))
-        return original(tokens, all_logits)
-
-    engine._decode = spy  # type: ignore[method-assign]
-    try:
-        second = first + [Message("assistant", answer), Message("user", "And one about the sky?")]
-        prompt_len = len(engine.tokenize(template_for(None, engine.template_info).render(second)))
+    second = first + [Message("assistant", answer), Message("user", "And one about the sky?")]
+    prompt_len = len(engine.tokenize(template_for(None, engine.template_info).render(second)))
+    with prompt_batches(engine) as evaluated:
         run(engine, second, GenParams(max_tokens=4, temperature=0.0))
-    finally:
-        del engine._decode
     assert 0 < sum(evaluated) < 40 < prompt_len  # only the answer's end and the new question were evaluated
     # The cached prefix gives the same reply as evaluating the whole conversation afresh.
     cached = run(engine, second)
@@ -336,20 +344,9 @@ def test_a_conversation_evicted_by_another_is_restored_not_evaluated_again(engin
     b = [Message("user", "Write one sentence about the moon.")]
     run(engine, a)
     run(engine, b)
-    evaluated: list[int] = []
-    original = engine._decode
-
-    def spy(tokens: list[int], all_logits: bool) -> bool:
-        if not all_logits:
-            evaluated.append(len(tokens))
-        return original(tokens, all_logits)
-
     a_again = [*a[:1], Message("user", "And the bedroom light?")]
-    engine._decode = spy  # type: ignore[method-assign]
-    try:
+    with prompt_batches(engine) as evaluated:
         restored = run(engine, a_again)
-    finally:
-        del engine._decode
     prompt_len = len(engine.tokenize(template_for(None, engine.template_info).render(a_again)))
     assert prompt_len > 120 and 0 < sum(evaluated) < 30  # the system prompt came back from RAM
     assert engine._prompt_cache is not None and len(engine._prompt_cache) >= 1

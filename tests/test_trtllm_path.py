@@ -28,15 +28,20 @@ def cli(*argv: str, env: dict[str, str]) -> str:
     return out.stdout
 
 
-@pytest.mark.parametrize("device", sorted(devices()))
-def test_plan_build_serve_stream_and_cancel(device: str, daemons: Daemons, workdir: Path) -> None:
+def planned_and_built(workdir: Path, device: str) -> tuple[Path, int]:
+    """`edge-llama plan` then `edge-llama build` through the command line: the engine folder and its KV budget."""
     env = put_trtllm_build_on_path(workdir / "bin")
     checkpoint = make_trtllm_checkpoint(workdir / "ckpt")
     plan_file = workdir / "plan.json"
     plan_file.write_text(cli("plan", "--device", device, "--json", env=env))
-    kv_tokens = json.loads(plan_file.read_text())["kv_tokens"]
     engine = workdir / "engine"
     cli("build", "--checkpoint", str(checkpoint), "--plan", str(plan_file), "--out", str(engine), env=env)
+    return engine, json.loads(plan_file.read_text())["kv_tokens"]
+
+
+@pytest.mark.parametrize("device", sorted(devices()))
+def test_plan_build_serve_stream_and_cancel(device: str, daemons: Daemons, workdir: Path) -> None:
+    engine, kv_tokens = planned_and_built(workdir, device)
 
     record = workdir / "calls.jsonl"
     runtime_env = {"PYTHONPATH": str(STANDIN), "EDGE_LLAMA_STANDIN_RECORD": str(record),
@@ -72,12 +77,7 @@ def test_plan_build_serve_stream_and_cancel(device: str, daemons: Daemons, workd
 
 def test_an_engine_the_executor_never_ends_a_cancel_for_is_reported_and_faulted(daemons: Daemons,
                                                                                workdir: Path) -> None:
-    env = put_trtllm_build_on_path(workdir / "bin")
-    checkpoint = make_trtllm_checkpoint(workdir / "ckpt")
-    plan_file = workdir / "plan.json"
-    plan_file.write_text(cli("plan", "--device", "orin-nano-8gb", "--json", env=env))
-    engine = workdir / "engine"
-    cli("build", "--checkpoint", str(checkpoint), "--plan", str(plan_file), "--out", str(engine), env=env)
+    engine, _ = planned_and_built(workdir, "orin-nano-8gb")
     d = daemons.start({"engine": {"backend": "trtllm", "model": str(engine), "kv_tokens": 4096},
                        "safety": {"enabled": False}},
                       env={"PYTHONPATH": str(STANDIN), "EDGE_LLAMA_STANDIN_TOKEN_MS": "10",
@@ -104,12 +104,7 @@ def test_a_json_schema_reply_through_the_daemon(daemons: Daemons, workdir: Path)
     pytest.importorskip("llguidance", reason="structured output needs llguidance (pyproject: the structured extra)")
     import httpx
 
-    env = put_trtllm_build_on_path(workdir / "bin")
-    checkpoint = make_trtllm_checkpoint(workdir / "ckpt")
-    plan_file = workdir / "plan.json"
-    plan_file.write_text(cli("plan", "--device", "orin-nano-8gb", "--json", env=env))
-    engine = workdir / "engine"
-    cli("build", "--checkpoint", str(checkpoint), "--plan", str(plan_file), "--out", str(engine), env=env)
+    engine, _ = planned_and_built(workdir, "orin-nano-8gb")
     record = workdir / "calls.jsonl"
     d = daemons.start({"engine": {"backend": "trtllm", "model": str(engine), "kv_tokens": 4096}},
                       env={"PYTHONPATH": str(STANDIN), "EDGE_LLAMA_STANDIN_TOKEN_MS": "1",
