@@ -367,3 +367,5 @@ def test_the_prompt_cache_keeps_within_its_limit_and_drops_what_a_longer_state_h
     assert cache.best([7, 8]) is None and cache.size_bytes == 80
     cache.put([6], b"v" * 101)  # larger than the whole cache: not kept
     assert cache.best([6]) is None
+    cache.put([1, 2], b"a" * 10)
+    assert cache.holds([1, 2]) and not cache.holds([1])  # the same tokens: nothing to save again

@@ -352,16 +352,14 @@ class LlamaCppEngine(Engine):
         prompt cache, and restore the cached state that holds more of `prompt`, if one does. Returns the tokens of
         `prompt` now in the KV cache."""
         import llama_cpp
-        import numpy as np
 
         cache = self._prompt_cache
         assert cache is not None
-        if len(self._kv) - cached >= MIN_TOKENS:
-            # One copy out, into an uninitialised numpy buffer the cache keeps as is, and none back in: a
-            # 2048-token state is tens of MiB and this runs on the way to a request's first token (a zeroed ctypes
-            # array took 5 ms for 7 MiB here, the copy itself 0.9 ms).
+        if len(self._kv) - cached >= MIN_TOKENS and not cache.holds(self._kv):
+            # One copy out, into a buffer the cache keeps as is, and none back in: a 2048-token state is tens of
+            # MiB and this runs on the way to a request's first token.
             size = llama_cpp.llama_state_seq_get_size(self._ctx, 0)
-            state = np.empty(size, dtype=np.uint8)
+            state = _state_buffer(size)
             if llama_cpp.llama_state_seq_get_data(self._ctx, _bytes_pointer(state), size, 0) == size:
                 cache.put(self._kv, state)
         found = cache.best(prompt)
@@ -460,6 +458,21 @@ class LlamaCppEngine(Engine):
             choice = sampler.choose(rows[len(draft)])
         self._drafts.verified(n, len(draft), len(accepted), elapsed)
         return choice, accepted
+
+
+def _state_buffer(size: int) -> Any:
+    """`size` bytes for a KV state, as a numpy uint8 array over anonymous memory the kernel maps in one go
+    (MAP_POPULATE): writing 7 MiB into fresh malloc'd memory took 15.5 ms here, first-touch page faults one by one,
+    against 3.4 ms populated (0.9 ms for the copy into memory already touched)."""
+    import mmap
+
+    import numpy as np
+
+    populate = getattr(mmap, "MAP_POPULATE", 0)
+    if not populate:
+        return np.empty(size, dtype=np.uint8)
+    memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
+    return np.frombuffer(memory, dtype=np.uint8)  # keeps `memory` mapped as long as the array lives
 
 
 def _bytes_pointer(buffer: Any) -> Any:

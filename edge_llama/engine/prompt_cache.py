@@ -52,6 +52,14 @@ class PromptCache:
             self._states.move_to_end(found[1])
         return found
 
+    def holds(self, tokens: Sequence[int]) -> bool:
+        """Whether the state of exactly `tokens` is kept (then saving it again would copy the same bytes)."""
+        key = tuple(tokens)
+        if key in self._states:
+            self._states.move_to_end(key)
+            return True
+        return False
+
     def clear(self) -> None:
         self._states.clear()
         self._bytes = 0
