@@ -32,6 +32,10 @@ class ToolCall:
     name: str
     arguments: Mapping[str, Any]
 
+    def wire(self) -> dict[str, Any]:
+        """Protocol v1's shape (a `done` event's `tool_calls`, a stored session's messages)."""
+        return {"id": self.id, "name": self.name, "arguments": dict(self.arguments)}
+
     def as_dict(self) -> dict[str, Any]:
         """The shape chat templates read (Hugging Face's convention, which Meta's Llama 3.2 template follows)."""
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": dict(self.arguments)}}

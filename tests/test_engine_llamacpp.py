@@ -24,12 +24,17 @@ from edge_llama.engine.sampling import Sampler  # noqa: E402
 GREEDY = GenParams(max_tokens=24, temperature=0.0)
 
 
-@pytest.fixture(scope="module")
-def engine() -> Iterator[LlamaCppEngine]:
-    e = LlamaCppEngine(EngineConfig(kv_tokens=1024, batch_tokens=16))
+def loaded(config: EngineConfig) -> Iterator[LlamaCppEngine]:
+    """A module fixture's engine: loaded once, closed after the module's tests."""
+    e = LlamaCppEngine(config)
     e.load()
     yield e
     e.close()
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[LlamaCppEngine]:
+    yield from loaded(EngineConfig(kv_tokens=1024, batch_tokens=16))
 
 
 def run(engine: LlamaCppEngine, messages: list[Message], params: GenParams = GREEDY,
@@ -195,18 +200,12 @@ def test_cancel_lands_inside_a_prompt_batch() -> None:
 
 @pytest.fixture(scope="module")
 def plain() -> Iterator[LlamaCppEngine]:
-    e = LlamaCppEngine(EngineConfig(kv_tokens=2048, speculative="off"))
-    e.load()
-    yield e
-    e.close()
+    yield from loaded(EngineConfig(kv_tokens=2048, speculative="off"))
 
 
 @pytest.fixture(scope="module")
 def speculative() -> Iterator[LlamaCppEngine]:
-    e = LlamaCppEngine(EngineConfig(kv_tokens=2048, speculative="ngram"))
-    e.load()
-    yield e
-    e.close()
+    yield from loaded(EngineConfig(kv_tokens=2048, speculative="ngram"))
 
 
 @pytest.mark.parametrize("question", [

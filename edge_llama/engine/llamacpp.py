@@ -363,16 +363,19 @@ class LlamaCppEngine(Engine):
             if llama_cpp.llama_state_seq_get_data(self._ctx, _bytes_pointer(state), size, 0) == size:
                 cache.put(self._kv, state)
         found = cache.best(prompt)
-        if found is None or min(found[0], len(prompt) - 1) - cached < MIN_TOKENS:
+        if found is None:
             return cached
-        n, tokens, state = found
+        held, tokens, state = found
+        restorable = min(held, len(prompt) - 1)  # the last prompt token is evaluated again for its logits
+        if restorable - cached < MIN_TOKENS:
+            return cached
         llama_cpp.llama_memory_seq_rm(self._memory, 0, 0, -1)
         self._kv = []
         if not llama_cpp.llama_state_seq_set_data(self._ctx, _bytes_pointer(state), len(state), 0):
             llama_cpp.llama_memory_clear(self._memory, True)  # nothing half restored stays
             return 0
         self._kv = list(tokens)
-        return min(n, len(prompt) - 1)
+        return restorable
 
     def generate(self, prompt_ids: Sequence[int], params: GenParams, cancel: threading.Event) -> Iterator[Chunk]:
         self._loaded()

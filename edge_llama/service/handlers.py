@@ -243,7 +243,7 @@ class Handlers:
             req.id,
             text=None if req.stream else turn.outcome.text,
             finish_reason="tool_calls" if turn.calls else turn.outcome.finish,
-            tool_calls=[{"id": c.id, "name": c.name, "arguments": dict(c.arguments)} for c in turn.calls] or None,
+            tool_calls=[c.wire() for c in turn.calls] or None,
             usage={"prompt_tokens": len(prompt.ids), "completion_tokens": turn.outcome.completion_tokens},
             timings=turn.timings,
             truncated=prompt.truncated,

@@ -35,7 +35,7 @@ Key = tuple[int, str]  # (owner uid, session name)
 def message_to_json(m: Message) -> dict[str, Any]:
     out: dict[str, Any] = {"role": m.role, "content": m.content}
     if m.tool_calls:
-        out["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": dict(c.arguments)} for c in m.tool_calls]
+        out["tool_calls"] = [c.wire() for c in m.tool_calls]
     if m.tool_call_id is not None:
         out["tool_call_id"] = m.tool_call_id
     return out
