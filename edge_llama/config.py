@@ -43,15 +43,21 @@ class EngineConfig:
     backend: Literal["llamacpp", "fake", "trtllm"] = "llamacpp"
     model: str | None = None  # GGUF path for llamacpp; None = the embedded SmolLM2-135M-Instruct Q4_1
     kv_tokens: int = 2048  # the KV budget: prompt + reply never exceed it
-    kv_cache_type: Literal["f16", "q8_0"] = "f16"
+    # f16: K and V in f16, llama.cpp's fastest CPU attention kernels (tiled for prompts, split over the cache for one
+    # token), which also means a token's logits depend slightly on how it was batched. bf16: V in bf16 (K stays f16):
+    # one kernel for every batch size, so replies do not depend on batching (needed by speculative "ngram"), at a
+    # cost on the CPU (prompts 15-45% slower, decode over long contexts ~25%). q8_0: half the memory, also
+    # batch-independent.
+    kv_cache_type: Literal["f16", "bf16", "q8_0"] = "f16"
     threads: int | None = None  # None = all cores
     # llamacpp: layers offloaded to the GPU (llama.cpp's n_gpu_layers). None = all of them when llama-cpp-python
     # was built with CUDA (a Jetson), none otherwise; 0 = the CPU only.
     gpu_layers: int | None = None
     batch_tokens: int = 512  # prompt tokens per decode call; llamacpp stops one between graph nodes on cancel
     # llamacpp: prompt-lookup speculative decoding (drafts copied from the prompt, verified in one batch); the
-    # same tokens (greedy) or the same distribution (sampling) as "off"
-    speculative: Literal["off", "ngram"] = "ngram"
+    # same tokens (greedy) or the same distribution (sampling) as "off". Needs a batch-independent kv_cache_type
+    # (bf16 or q8_0).
+    speculative: Literal["off", "ngram"] = "off"
     # llamacpp: host RAM for the KV state of earlier conversations (engine/prompt_cache.py): one that comes back
     # after another evicted it is restored, not evaluated again. 0 = off.
     prompt_cache_mib: int = 64
@@ -407,6 +413,9 @@ def _checked(config: Config) -> Config:
         ("engine.gpu_layers", e.gpu_layers is None or e.gpu_layers >= 0, "must be 0 or more (null = all on a GPU)"),
         ("engine.batch_tokens", 1 <= e.batch_tokens <= 4096, "must be between 1 and 4096"),
         ("engine.prompt_cache_mib", 0 <= e.prompt_cache_mib <= 65536, "must be between 0 and 65536"),
+        ("engine.speculative", e.speculative == "off" or e.backend != "llamacpp" or e.kv_cache_type != "f16",
+         "ngram needs engine.kv_cache_type bf16 or q8_0: with an f16 V cache llama.cpp's attention kernels depend on "
+         "how tokens are batched, so drafted replies could differ from plain ones"),
         ("server.socket_mode", 0 <= s.socket_mode <= 0o777, "must be a file mode such as 0o660"),
         ("server.max_line_bytes", s.max_line_bytes >= 1024, "must be at least 1024"),
         ("server.max_messages", s.max_messages >= 1, "must be at least 1"),

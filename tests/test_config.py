@@ -33,7 +33,9 @@ def test_file_values_are_typed(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("text", "message"), [
     ("engine:\n  kv_tokenz: 10\n", "unknown key 'engine.kv_tokenz'"),
     ("server:\n  max_queue: many\n", "'server.max_queue' must be a whole number"),
-    ("engine:\n  kv_cache_type: q4\n", "'engine.kv_cache_type' must be one of f16, q8_0"),
+    ("engine:\n  kv_cache_type: q4\n", "'engine.kv_cache_type' must be one of f16, bf16, q8_0"),
+    # Drafts verified in a batch would not be exact on the f16 cache: refused, with the way out.
+    ("engine:\n  speculative: ngram\n", "'engine.speculative' ngram needs engine.kv_cache_type bf16 or q8_0"),
     ("engine: 3\n", "engine must be a mapping"),
     ("server:\n  warmup: 1\n", "'server.warmup' must be true or false"),
     ("engine:\n  kv_tokens: 32\n", "'engine.kv_tokens' must be at least 64"),

@@ -73,11 +73,12 @@ def test_summarize_text_ten_times_the_kv_budget(daemons: Daemons) -> None:
 
 
 def test_speculative_decoding_changes_no_reply(daemons: Daemons) -> None:
-    """engine.speculative only changes speed: the same replies, greedy and seeded-sampled, with and without it."""
+    """engine.speculative only changes speed: the same replies, greedy and seeded-sampled, with and without it (on
+    the batch-independent KV cache it needs)."""
     sample = files("edge_llama").joinpath("data/sample.txt").read_text(encoding="utf-8")
     replies = []
     for mode in ("off", "ngram"):
-        d = daemons.start({"engine": {"kv_tokens": 2048, "speculative": mode}})
+        d = daemons.start({"engine": {"kv_tokens": 2048, "kv_cache_type": "bf16", "speculative": mode}})
         with Client(d.socket) as c:
             replies.append([chat(c, f"{sample}\n\nSummarize this text.", max_tokens=96, **sampling)[0]
                             for sampling in ({"temperature": 0}, {"temperature": 0.7, "seed": 11})])

@@ -18,7 +18,7 @@ from edge_llama.prompting.template import template_for
 from edge_llama.protocol import Message
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (pip install 'edge-llama[cpu]')")
-from edge_llama.engine.llamacpp import GGML_TYPE_BF16, LlamaCppEngine, embedded_model_path  # noqa: E402
+from edge_llama.engine.llamacpp import LlamaCppEngine, embedded_model_path  # noqa: E402
 from edge_llama.engine.sampling import Sampler  # noqa: E402
 
 GREEDY = GenParams(max_tokens=24, temperature=0.0)
@@ -72,10 +72,9 @@ def forget_all(engine: LlamaCppEngine) -> None:
 
 def test_same_answer_as_llama_cpp_python_chat(engine: LlamaCppEngine) -> None:
     """Our template rendering + generation loop reproduce llama-cpp-python's own greedy chat completion (with
-    flash attention and the KV cache types our engine uses on the CPU: K f16, V bf16)."""
+    flash attention and the KV cache our engine uses by default: K and V in f16)."""
     question = "Name three colours of the rainbow."
-    reference = llama_cpp.Llama(str(embedded_model_path()), n_ctx=1024, n_threads=2, flash_attn=True,
-                                type_v=GGML_TYPE_BF16, verbose=False)
+    reference = llama_cpp.Llama(str(embedded_model_path()), n_ctx=1024, n_threads=2, flash_attn=True, verbose=False)
     try:
         expected = reference.create_chat_completion([{"role": "user", "content": question}], temperature=0.0,
                                                     max_tokens=24)["choices"][0]["message"]["content"]
@@ -200,12 +199,12 @@ def test_cancel_lands_inside_a_prompt_batch() -> None:
 
 @pytest.fixture(scope="module")
 def plain() -> Iterator[LlamaCppEngine]:
-    yield from loaded(EngineConfig(kv_tokens=2048, speculative="off"))
+    yield from loaded(EngineConfig(kv_tokens=2048, kv_cache_type="bf16", speculative="off"))
 
 
 @pytest.fixture(scope="module")
 def speculative() -> Iterator[LlamaCppEngine]:
-    yield from loaded(EngineConfig(kv_tokens=2048, speculative="ngram"))
+    yield from loaded(EngineConfig(kv_tokens=2048, kv_cache_type="bf16", speculative="ngram"))
 
 
 @pytest.mark.parametrize("question", [
@@ -242,7 +241,7 @@ def test_seeded_sampling_repeats_with_speculation(speculative: LlamaCppEngine) -
 
 def test_speculation_stays_within_the_kv_budget() -> None:
     """A reply that fills the KV budget to its last cell while drafts are verified: no draft reaches past it."""
-    e = LlamaCppEngine(EngineConfig(kv_tokens=512, speculative="ngram"))
+    e = LlamaCppEngine(EngineConfig(kv_tokens=512, kv_cache_type="bf16", speculative="ngram"))
     e.load()
     try:
         template = template_for(None, e.template_info)

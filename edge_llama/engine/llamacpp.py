@@ -13,7 +13,9 @@ read once at load), so each token costs Python a few microseconds instead of Lla
   with them (turn N of a conversation evaluates only what is new); the rest is dropped with llama_memory_seq_rm.
 - Speculative decoding with prompt-lookup drafts (engine.speculative: "ngram"; engine/ngram.py): draft tokens
   are verified in one batched decode and the rejected ones' KV cells dropped. Greedy replies are the same tokens
-  with and without it; sampled ones are drawn from exactly the same distribution (engine/sampling.py).
+  with and without it; sampled ones are drawn from exactly the same distribution (engine/sampling.py). That needs
+  a KV cache whose kernels do not depend on batch size (kv_cache_type bf16 or q8_0; config.py refuses f16), so it
+  is off by default: on the CPU the bf16 V it needs slows prompts more than drafts speed decoding.
 - A constraint (GenParams.constraint) masks the logits before each token; speculation is then off.
 """
 
@@ -106,17 +108,15 @@ class LlamaCppEngine(Engine):
         gpu_layers = self._config.gpu_layers
         if gpu_layers is None:  # all layers (-1) where this llama.cpp build can offload (CUDA on a Jetson)
             gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0
-        kv_type = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}[self._config.kv_cache_type]
-        v_type = kv_type
-        if kv_type == llama_cpp.GGML_TYPE_F16 and gpu_layers == 0:
-            # llama.cpp's CPU flash attention picks its kernel by batch size for an f16 K and V (ggml-cpu/ops.cpp:
-            # one query token over >= 512 cells splits the KV across threads, 64+ tokens are tiled), so the same
-            # token's logits would differ slightly with how it was batched: a verified draft from a plain decode,
-            # a cached prefix from a fresh prompt, in a near tie a different token. With V in bf16 (same memory; K
-            # stays f16, which decides the attention weights) one kernel serves every batch size: a greedy reply
-            # is the same whether drafts were verified or the prompt was cached. An f32 V would not do: llama.cpp
-            # casts it to f16 before flash attention (src/llama-graph.cpp).
-            v_type = GGML_TYPE_BF16
+        # llama.cpp's CPU flash attention picks its kernel by batch size for an f16 K and V (ggml-cpu/ops.cpp:
+        # one query token over >= 512 cells splits the KV across threads, 64+ tokens are tiled): fast, but the same
+        # token's logits differ slightly with how it was batched (a verified draft, a cached prefix). With V in bf16
+        # (same memory; K stays f16, which decides the attention weights) one kernel serves every batch size, which
+        # exact drafts need; it costs prompt speed (a 1,425-token prompt 7.2 s against 4.9 s here). An f32 V would
+        # not do: llama.cpp casts it to f16 before flash attention (src/llama-graph.cpp).
+        k_type, v_type = {"f16": (llama_cpp.GGML_TYPE_F16, llama_cpp.GGML_TYPE_F16),
+                          "bf16": (llama_cpp.GGML_TYPE_F16, GGML_TYPE_BF16),
+                          "q8_0": (llama_cpp.GGML_TYPE_Q8_0, llama_cpp.GGML_TYPE_Q8_0)}[self._config.kv_cache_type]
         # Prompt tokens per llama_decode call: never more than the context (llama.cpp caps n_batch there too).
         self._batch_tokens = min(self._config.batch_tokens, self._config.kv_tokens)
         try:
@@ -129,7 +129,7 @@ class LlamaCppEngine(Engine):
                 n_ubatch=max(self._batch_tokens, DRAFT_MAX + 1),
                 n_threads=threads,
                 n_threads_batch=threads,
-                type_k=kv_type,
+                type_k=k_type,
                 type_v=v_type,
                 # Flash attention: what llama-server uses by default (flash_attn auto resolves to it on the CPU and
                 # CUDA); a quantized V cache cannot work without it ("Failed to create llama_context").
