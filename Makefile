@@ -22,6 +22,7 @@ lint: setup
 bench: setup
 	@$(PY) tools/bench/peer.py
 	@$(PY) tools/bench/ngram.py
+	@$(PY) tools/bench/kv_cache.py
 	@$(PY) tools/bench/overhead.py
 	@$(PY) tools/bench/trtllm_overhead.py
 	@$(PY) tools/bench/structured.py

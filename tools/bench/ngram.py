@@ -1,6 +1,9 @@
 """Prompt-lookup speculative decoding on summaries: our engine with engine.speculative "ngram" against "off", and
 llama-server's own n-gram modes (--spec-type) against its plain decoding, on the same prompts, in one run.
 
+Ours runs three ways: "ngram" and "off" on the bf16 V cache that exact drafts need (kv_cache_type bf16: the same
+greedy text is required of them), and "default" (off, f16 cache: what the daemon runs unless configured).
+
 The prompts are the summarizer's own map steps (edge_llama/service/summarize.py: its instruction, its chunking
 for a 2048-token KV budget, its reply budget of 160 tokens) for the bundled text (edge_llama/data/sample.txt)
 and the held-out one (tools/bench/heldout.txt, its first --chunks chunks), sampled as the summarizer samples
@@ -11,8 +14,8 @@ decode tok/s = (tokens - 1) / (last token - first token), ours measured around t
 llama-server's by its own timings (predicted_per_second; its client-side figure is given too).
 
 Last line: one JSON object; per text and temperature: ours_off / ours_ngram decode tok/s and their ratio
-(speedup: ngram / off, > 1 = faster; target >= 1.3), draft acceptance, same_text (greedy: must be true), and
-llama-server's figures per mode with its own speedup.
+(speedup: ngram / off, > 1 = faster; target >= 1.3), ours_default and speedup_vs_default (ngram / default), draft
+acceptance, same_text (greedy: must be true), and llama-server's figures per mode with its own speedup.
 
     .venv/bin/python tools/bench/ngram.py [--rounds 3] [--chunks 2] [--their-modes none,ngram-simple]
 """
@@ -45,6 +48,18 @@ def texts() -> dict[str, str]:
     heldout = "\n".join(line for line in (HERE / "heldout.txt").read_text().splitlines() if not line.startswith("# "))
     sample = (HERE.parents[1] / "edge_llama" / "data" / "sample.txt").read_text(encoding="utf-8")
     return {"sample": sample, "heldout": heldout}
+
+
+def map_prompts(engine: LlamaCppEngine, chunks: int) -> dict[str, list[list[Message]]]:
+    """The summarizer's map-step prompts per text (its instruction and chunking), the held-out text's first
+    `chunks`."""
+    template = template_for(None, engine.template_info)
+    instruction = SummarizeConfig().instruction
+    overhead = len(template.tokenize([Message("user", instruction + "\n\n")], engine.tokenize))
+    limit = KV_TOKENS - SUMMARY_TOKENS - overhead - SAFETY_TOKENS  # as Summarizer computes it
+    return {name: [[Message("user", f"{instruction}\n\n{text[a:b]}")]
+                   for a, b in spans(text, limit, engine.count_tokens)[:chunks]]
+            for name, text in texts().items()}
 
 
 def ours(engine: LlamaCppEngine, ids: list[int], params: GenParams) -> dict:
@@ -82,18 +97,14 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=18451)
     args = parser.parse_args()
 
-    engines = {name: LlamaCppEngine(EngineConfig(kv_tokens=KV_TOKENS, threads=THREADS, speculative=name))
-               for name in ("off", "ngram")}
+    engines = {name: LlamaCppEngine(EngineConfig(kv_tokens=KV_TOKENS, threads=THREADS, kv_cache_type=cache,
+                                                 speculative=speculative))
+               for name, cache, speculative in (("off", "bf16", "off"), ("ngram", "bf16", "ngram"),
+                                                ("default", "f16", "off"))}
     for engine in engines.values():
         engine.load()
     template = template_for(None, engines["off"].template_info)
-    instruction = SummarizeConfig().instruction
-    overhead = len(template.tokenize([Message("user", instruction + "\n\n")], engines["off"].tokenize))
-    limit = KV_TOKENS - SUMMARY_TOKENS - overhead - SAFETY_TOKENS  # as Summarizer computes it
-    prompts: dict[str, list[list[Message]]] = {}
-    for name, text in texts().items():
-        chunks = spans(text, limit, engines["off"].count_tokens)[: args.chunks]
-        prompts[name] = [[Message("user", f"{instruction}\n\n{text[a:b]}")] for a, b in chunks]
+    prompts = map_prompts(engines["off"], args.chunks)
 
     binary = build_llama_server()
     modes = args.their_modes.split(",")
@@ -136,12 +147,14 @@ def main() -> int:
     for text_name in prompts:
         for temp_name in temperatures:
             rate = {side: statistics.median(row["decode_tok_s"] for row in results[text_name, temp_name, side])
-                    for side in ["ours_off", "ours_ngram", *(f"theirs_{m}" for m in modes)]}
+                    for side in ["ours_off", "ours_ngram", "ours_default", *(f"theirs_{m}" for m in modes)]}
             ngram_rows = results[text_name, temp_name, "ours_ngram"]
             off_rows = results[text_name, temp_name, "ours_off"]
             entry = {
                 "ours_off_tok_s": round(rate["ours_off"], 1), "ours_ngram_tok_s": round(rate["ours_ngram"], 1),
                 "speedup": round(rate["ours_ngram"] / rate["ours_off"], 3),
+                "ours_default_tok_s": round(rate["ours_default"], 1),
+                "speedup_vs_default": round(rate["ours_ngram"] / rate["ours_default"], 3),
                 "acceptance": round(sum(x["accepted"] for x in ngram_rows) /
                                     max(1, sum(x["drafted"] for x in ngram_rows)), 3),
                 "same_text": [x["text"] for x in ngram_rows] == [x["text"] for x in off_rows],

@@ -75,7 +75,7 @@ def direct(engine: LlamaCppEngine, template, text: str, max_tokens: int) -> dict
             first = first or last
         pieces.append(chunk.text)
     return {"ttft_ms": (first - start) * 1000, "decode_tok_s": (n - 1) / (last - first), "tokens": n,
-            "text": "".join(pieces)}
+            "text": "".join(pieces), "step_s": last - start}
 
 
 def start_daemon(workdir: Path, config: str = "") -> DaemonProcess:

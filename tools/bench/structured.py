@@ -11,9 +11,9 @@
 - constrained_decode_ratio: on one real daemon (`edge-llama serve`, the embedded SmolLM2, default config, on a
   temporary socket), done.timings.decode_tok_s of replies under a JSON-schema constraint (response_format: an
   array of exactly 20 small objects, ~250 tokens) / free-text replies (a long story), protocol v1, temperature 0,
-  requests interleaved (free, json, json, free, ...). The daemon's default config drafts free text by prompt
-  lookup (speculative "ngram") and turns drafting off under a constraint, so the same is measured again on a
-  daemon with speculative "off" (constrained_decode_ratio_spec_off: the mask's own cost);
+  requests interleaved (free, json, json, free, ...): the mask's own cost. With speculative "ngram" (and the
+  bf16 V cache it needs) free text is drafted by prompt lookup and drafting is off under a constraint, so the same
+  is measured again on such a daemon (constrained_decode_ratio_spec_ngram);
 - engine_constrained_decode_ratio: the same kind of figure in this process through the llama.cpp engine (greedy,
   no speculation, 32 tokens: cheap); engine_lazy_tools_decode_ratio: free text under tool_choice "auto" / free.
 Interleaved runs everywhere (the machine is shared: ratios, not absolute speeds).
@@ -353,7 +353,9 @@ def daemon_ratio(rounds: int, speculative: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="elsb", dir="/tmp") as tmp:  # a socket path must stay short
         work = Path(tmp)
         (work / "config.yaml").write_text(yaml.safe_dump({
-            "server": {"state_dir": str(work / "state")}, "engine": {"kv_tokens": 1024, "speculative": speculative},
+            "server": {"state_dir": str(work / "state")},
+            "engine": {"kv_tokens": 1024, "speculative": speculative,
+                       "kv_cache_type": "bf16" if speculative == "ngram" else "f16"},
             "generation": {"temperature": 0}, "safety": {"enabled": False}}))
         with DaemonProcess(work / "d.sock", ["--config", str(work / "config.yaml")], log=work / "daemon.log") as d:
             d.wait_ready(timeout=300)
@@ -411,7 +413,7 @@ def main() -> None:
 
     result.update(decode_ratio(args.rounds, args.tokens))
     print(json.dumps(result), file=sys.stderr)
-    for speculative, suffix in (("ngram", ""), ("off", "_spec_off")):  # the default config first
+    for speculative, suffix in (("off", ""), ("ngram", "_spec_ngram")):  # the default config first
         figures = daemon_ratio(args.rounds, speculative)
         result["constrained_decode_ratio" + suffix] = figures.pop("ratio")
         result["daemon" + suffix] = figures
