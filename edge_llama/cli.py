@@ -326,5 +326,10 @@ def cmd_status(sock: Path, args: argparse.Namespace) -> int:
     if stats["last_timings"]:
         t = stats["last_timings"]
         print(f"  last       queue {t['queue_ms']} ms, first token {t['ttft_ms']} ms, {t['decode_tok_s']} tok/s")
+    cache = stats.get("prompt_cache")
+    if cache is not None:
+        print(f"  cache      {cache['bytes'] / 2**20:.1f} of {cache['limit_bytes'] / 2**20:.0f} MiB, "
+              f"{cache['states']} states; restores {cache['restores']} (spared {cache['restored_tokens']} prompt "
+              "tokens)")
     print(f"  uptime     {stats['uptime_s']} s")
     return 0

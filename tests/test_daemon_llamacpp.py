@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from importlib.resources import files
 
 import pytest
@@ -85,3 +87,39 @@ def test_speculative_decoding_changes_no_reply(daemons: Daemons) -> None:
         d.stop()
     assert replies[0] == replies[1]
     assert all(reply.strip() for reply in replies[0])
+
+
+def test_stats_and_metrics_show_the_prompt_cache_at_work(daemons: Daemons) -> None:
+    """A conversation evicted by another comes back from RAM, and `stats` and /metrics say so (what tuning
+    engine.prompt_cache_mib needs): one restore, sparing most of its long system prompt."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    d = daemons.start({"engine": {"kv_tokens": 1024, "prompt_cache_mib": 16}})
+    house = {"role": "system", "content": "You are the house assistant. " * 20}
+
+    def ask(c: Client, messages: list[dict]) -> dict:
+        return c.call({"op": "chat", "messages": messages, "temperature": 0, "max_tokens": 8, "stream": False})
+
+    with Client(d.socket) as c:
+        before = c.call({"op": "stats"})["prompt_cache"]
+        ask(c, [house, {"role": "user", "content": "Is the kitchen light on?"}])
+        ask(c, [{"role": "user", "content": "Write one sentence about the moon."}])  # evicts the house prompt
+        mid = c.call({"op": "stats"})["prompt_cache"]
+        again = ask(c, [house, {"role": "user", "content": "And the bedroom light?"}])
+        cache = c.call({"op": "stats"})["prompt_cache"]
+    assert before == {"states": 0, "bytes": 0, "limit_bytes": 16 << 20, "saves": 0, "evictions": 0, "restores": 0,
+                      "restored_tokens": 0}
+    # (The moon question may itself restore the warm-up's state: both start with the template's default system turn.)
+    assert cache["restores"] == mid["restores"] + 1 and cache["saves"] >= 2 and 0 < cache["bytes"] <= 16 << 20
+    assert 100 < cache["restored_tokens"] - mid["restored_tokens"] < again["usage"]["prompt_tokens"]
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(d.socket)), base_url="http://localhost") as h:
+        text = h.get("/metrics").text
+    samples = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples["edge_llama_prompt_cache_restores_total"] == cache["restores"]
+    assert samples["edge_llama_prompt_cache_restored_tokens_total"] == cache["restored_tokens"]
+    assert samples["edge_llama_prompt_cache_limit_bytes"] == 16 << 20
+    status = subprocess.run([sys.executable, "-m", "edge_llama", "status", "--socket", str(d.socket)],
+                            capture_output=True, text=True, timeout=60, check=True).stdout
+    states, restores, spared = cache["states"], cache["restores"], cache["restored_tokens"]
+    assert f"of 16 MiB, {states} states; restores {restores} (spared {spared} prompt tokens)" in status

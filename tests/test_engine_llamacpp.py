@@ -335,9 +335,11 @@ def test_vocabulary_for_constrained_decoding(engine: LlamaCppEngine) -> None:
     assert vocab.tokenize(b"<|im_end|>") != [im_end]  # forced text is never parsed as a special token
 
 
-def test_a_conversation_evicted_by_another_is_restored_not_evaluated_again(engine: LlamaCppEngine) -> None:
+def test_a_conversation_evicted_by_another_is_restored_not_evaluated_again(plain: LlamaCppEngine) -> None:
     """The prompt cache: A, then B (which evicts A from the KV cache), then A's next turn evaluates only what is
-    new, and answers exactly as a fresh engine does."""
+    new, and answers exactly as a fresh engine does (on the batch-independent bf16 cache, where "exactly" holds
+    whatever was evaluated in which batch)."""
+    engine = plain
     a = [Message("system", "You are the house assistant. " * 20), Message("user", "Is the kitchen light on?")]
     b = [Message("user", "Write one sentence about the moon.")]
     run(engine, a)

@@ -111,6 +111,12 @@ class Engine(ABC):
         The daemon reports it in `health` and stops pinging the systemd watchdog, so the service restarts."""
         return None
 
+    def prompt_cache_stats(self) -> dict[str, int] | None:
+        """The host-RAM prompt cache's figures (states, bytes, limit_bytes, saves, evictions, restores,
+        restored_tokens), None for a backend without one. Read from the event loop while the engine runs: plain
+        counters."""
+        return None
+
     # Set by load(); backends that know them earlier may override the properties.
     _capacity: Capacity | None = None
     _template: TemplateInfo | None = None

@@ -211,6 +211,9 @@ class LlamaCppEngine(Engine):
         meta = self._llm.metadata if self._llm is not None else {}
         return meta.get("general.name") or self._path.stem
 
+    def prompt_cache_stats(self) -> dict[str, int] | None:
+        return self._prompt_cache.stats() if self._prompt_cache is not None else None
+
     def tokenize(self, text: str, special: bool = True) -> list[int]:
         return self._loaded().tokenize(text.encode("utf-8"), add_bos=False, special=special)
 
@@ -375,6 +378,7 @@ class LlamaCppEngine(Engine):
             llama_cpp.llama_memory_clear(self._memory, True)  # nothing half restored stays
             return 0
         self._kv = list(tokens)
+        cache.restored(restorable - cached)
         return restorable
 
     def generate(self, prompt_ids: Sequence[int], params: GenParams, cancel: threading.Event) -> Iterator[Chunk]:

@@ -32,6 +32,12 @@ class PromptCache:
         # least recently used first
         self._states: OrderedDict[tuple[int, ...], Any] = OrderedDict()
         self._bytes = 0
+        # Since start, for `stats` and /metrics (tuning engine.prompt_cache_mib): states kept, states dropped for
+        # room, states restored and the prompt tokens those restores spared from evaluation.
+        self.saves = 0
+        self.evictions = 0
+        self.restores = 0
+        self.restored_tokens = 0
 
     @property
     def size_bytes(self) -> int:
@@ -60,6 +66,16 @@ class PromptCache:
             return True
         return False
 
+    def restored(self, tokens: int) -> None:
+        """A state was restored, sparing `tokens` prompt tokens their evaluation."""
+        self.restores += 1
+        self.restored_tokens += tokens
+
+    def stats(self) -> dict[str, int]:
+        return {"states": len(self._states), "bytes": self._bytes, "limit_bytes": self.limit_bytes,
+                "saves": self.saves, "evictions": self.evictions, "restores": self.restores,
+                "restored_tokens": self.restored_tokens}
+
     def clear(self) -> None:
         self._states.clear()
         self._bytes = 0
@@ -74,6 +90,8 @@ class PromptCache:
             self._bytes -= len(self._states.pop(old))
         self._states[key] = state
         self._bytes += len(state)
+        self.saves += 1
         while self._bytes > self.limit_bytes:
             _, dropped = self._states.popitem(last=False)
             self._bytes -= len(dropped)
+            self.evictions += 1

@@ -306,6 +306,9 @@ class Handlers:
                 last_timings=s.last_timings, template=self.template.name,
                 loop={"max_stall_ms": round(s.loop_max_stall_ms, 2)},
             )
+            cache = self.engine.prompt_cache_stats()
+            if cache is not None:
+                base["prompt_cache"] = cache
         return done_event(req.id, **base)
 
 

@@ -100,6 +100,7 @@ def snapshot(s: Stats, sched: Scheduler, engine: Engine, state: str) -> dict[str
         "verdicts": dict(s.verdicts),
         "engine_stalled_s": sched.stalled_for(), "engine_faulted": float(sched.fault() is not None),
         "loop_max_stall_s": s.loop_max_stall_ms / 1000,
+        "prompt_cache": engine.prompt_cache_stats(),
     }
 
 
@@ -156,6 +157,16 @@ class _Families:
         yield gauge("event_loop_max_stall_seconds", "The event loop's worst wake-up delay since start",
                     s["loop_max_stall_s"])
         yield gauge("sessions_on_disk", "Stored conversations", self.sessions)
+        cache = s["prompt_cache"]
+        if cache is not None:
+            yield gauge("prompt_cache_bytes", "Host RAM the prompt cache's KV states take", cache["bytes"])
+            yield gauge("prompt_cache_limit_bytes", "engine.prompt_cache_mib in bytes", cache["limit_bytes"])
+            yield gauge("prompt_cache_states", "KV states the prompt cache keeps", cache["states"])
+            for name, doc in (("saves", "KV states saved into the prompt cache"),
+                              ("evictions", "KV states dropped to keep within engine.prompt_cache_mib"),
+                              ("restores", "KV states restored instead of evaluating their prompt again"),
+                              ("restored_tokens", "Prompt tokens whose evaluation restores spared")):
+                yield CounterMetricFamily(f"{PREFIX}_prompt_cache_{name}", doc, value=cache[name])
 
 
 def render(snap: dict[str, Any], sessions: int) -> tuple[bytes, str]:
