@@ -329,7 +329,7 @@ def cmd_status(sock: Path, args: argparse.Namespace) -> int:
     cache = stats.get("prompt_cache")
     if cache is not None:
         print(f"  cache      {cache['bytes'] / 2**20:.1f} of {cache['limit_bytes'] / 2**20:.0f} MiB, "
-              f"{cache['states']} states; restores {cache['restores']} (spared {cache['restored_tokens']} prompt "
-              "tokens)")
+              f"{cache['states']} states; saves {cache['saves']}, evictions {cache['evictions']}, restores "
+              f"{cache['restores']} (spared {cache['restored_tokens']} prompt tokens)")
     print(f"  uptime     {stats['uptime_s']} s")
     return 0

@@ -44,10 +44,10 @@ class EngineConfig:
     model: str | None = None  # GGUF path for llamacpp; None = the embedded SmolLM2-135M-Instruct Q4_1
     kv_tokens: int = 2048  # the KV budget: prompt + reply never exceed it
     # f16: K and V in f16, llama.cpp's fastest CPU attention kernels (tiled for prompts, split over the cache for one
-    # token), which also means a token's logits depend slightly on how it was batched. bf16: V in bf16 (K stays f16):
-    # one kernel for every batch size, so replies do not depend on batching (needed by speculative "ngram"), at a
-    # cost on the CPU (prompts 15-45% slower, decode over long contexts ~25%). q8_0: half the memory, also
-    # batch-independent.
+    # token), which also means a token's logits depend slightly on how it was batched. bf16 (CPU only): V in bf16
+    # (K stays f16): one kernel for every batch size, so replies do not depend on batching (needed by speculative
+    # "ngram"), at a cost (prompts 15-60% slower, decode over long contexts ~15-25%). q8_0: half the memory, also
+    # batch-independent on the CPU.
     kv_cache_type: Literal["f16", "bf16", "q8_0"] = "f16"
     threads: int | None = None  # None = all cores
     # llamacpp: layers offloaded to the GPU (llama.cpp's n_gpu_layers). None = all of them when llama-cpp-python
@@ -55,8 +55,8 @@ class EngineConfig:
     gpu_layers: int | None = None
     batch_tokens: int = 512  # prompt tokens per decode call; llamacpp stops one between graph nodes on cancel
     # llamacpp: prompt-lookup speculative decoding (drafts copied from the prompt, verified in one batch); the
-    # same tokens (greedy) or the same distribution (sampling) as "off". Needs a batch-independent kv_cache_type
-    # (bf16 or q8_0).
+    # same tokens (greedy) or the same distribution (sampling) as "off". Needs the CPU and a batch-independent
+    # kv_cache_type (bf16 or q8_0).
     speculative: Literal["off", "ngram"] = "off"
     # llamacpp: host RAM for the KV state of earlier conversations (engine/prompt_cache.py): one that comes back
     # after another evicted it is restored, not evaluated again. 0 = off.

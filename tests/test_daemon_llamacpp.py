@@ -122,4 +122,5 @@ def test_stats_and_metrics_show_the_prompt_cache_at_work(daemons: Daemons) -> No
     status = subprocess.run([sys.executable, "-m", "edge_llama", "status", "--socket", str(d.socket)],
                             capture_output=True, text=True, timeout=60, check=True).stdout
     states, restores, spared = cache["states"], cache["restores"], cache["restored_tokens"]
-    assert f"of 16 MiB, {states} states; restores {restores} (spared {spared} prompt tokens)" in status
+    assert f"of 16 MiB, {states} states; saves {cache['saves']}, evictions 0, restores {restores} (spared {spared}" \
+           " prompt tokens)" in status

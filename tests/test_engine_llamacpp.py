@@ -13,7 +13,7 @@ import pytest
 
 from edge_llama.config import EngineConfig
 from edge_llama.engine.base import GenParams
-from edge_llama.errors import ModelError
+from edge_llama.errors import ConfigError, ModelError
 from edge_llama.prompting.template import template_for
 from edge_llama.protocol import Message
 
@@ -104,7 +104,8 @@ def test_second_turn_evaluates_only_new_tokens(engine: LlamaCppEngine) -> None:
     with prompt_batches(engine) as evaluated:
         run(engine, second, GenParams(max_tokens=4, temperature=0.0))
     assert 0 < sum(evaluated) < 40 < prompt_len  # only the answer's end and the new question were evaluated
-    # The cached prefix gives the same reply as evaluating the whole conversation afresh.
+    # The cached prefix gives the same reply as evaluating the whole conversation afresh: on this f16 cache because
+    # every batch here is under 64 tokens and the cache under 512 cells, so one attention kernel ran either way.
     cached = run(engine, second)
     forget_all(engine)
     assert run(engine, second) == cached
@@ -237,6 +238,16 @@ def test_seeded_sampling_repeats_with_speculation(speculative: LlamaCppEngine) -
     first = run(speculative, messages, params)
     assert run(speculative, messages, params) == first
     assert run(speculative, messages, GenParams(max_tokens=64, temperature=0.8, seed=8)) != first
+
+
+@pytest.mark.parametrize(("config", "why"), [
+    (EngineConfig(kv_tokens=256, speculative="ngram"), "speculative ngram is exact only on the CPU"),
+    (EngineConfig(kv_tokens=256, kv_cache_type="bf16", gpu_layers=1), "kv_cache_type bf16 is for the CPU"),
+])
+def test_the_engine_refuses_a_cache_its_drafts_or_the_gpu_cannot_use(config: EngineConfig, why: str) -> None:
+    """Settings config.py cannot judge alone (an EngineConfig built in code, layers on a GPU) are refused at load."""
+    with pytest.raises(ConfigError, match=why):
+        LlamaCppEngine(config).load()
 
 
 def test_speculation_stays_within_the_kv_budget() -> None:

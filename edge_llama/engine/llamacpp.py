@@ -14,8 +14,9 @@ read once at load), so each token costs Python a few microseconds instead of Lla
 - Speculative decoding with prompt-lookup drafts (engine.speculative: "ngram"; engine/ngram.py): draft tokens
   are verified in one batched decode and the rejected ones' KV cells dropped. Greedy replies are the same tokens
   with and without it; sampled ones are drawn from exactly the same distribution (engine/sampling.py). That needs
-  a KV cache whose kernels do not depend on batch size (kv_cache_type bf16 or q8_0; config.py refuses f16), so it
-  is off by default: on the CPU the bf16 V it needs slows prompts more than drafts speed decoding.
+  attention kernels that do not depend on batch size: the CPU with kv_cache_type bf16 or q8_0 (load() refuses
+  anything else, config.py f16 already). So it is off by default: on the CPU the bf16 V it needs slows prompts more
+  than drafts speed decoding.
 - A constraint (GenParams.constraint) masks the logits before each token; speculation is then off.
 """
 
@@ -114,9 +115,19 @@ class LlamaCppEngine(Engine):
         # (same memory; K stays f16, which decides the attention weights) one kernel serves every batch size, which
         # exact drafts need; it costs prompt speed (a 1,425-token prompt 7.2 s against 4.9 s here). An f32 V would
         # not do: llama.cpp casts it to f16 before flash attention (src/llama-graph.cpp).
+        # On a GPU neither holds: CUDA's flash attention also picks kernels by batch size, and has no f16 K / bf16 V
+        # kernel (ggml-cuda/fattn.cu converts both to f16, slowly).
+        cache, speculative = self._config.kv_cache_type, self._config.speculative
+        if gpu_layers != 0 and cache == "bf16":
+            raise ConfigError("engine.kv_cache_type bf16 is for the CPU (gpu_layers 0): llama.cpp's CUDA attention "
+                              "has no kernel for a bf16 V; use f16 or q8_0 on a GPU")
+        if speculative == "ngram" and (gpu_layers != 0 or cache == "f16"):
+            raise ConfigError("engine.speculative ngram is exact only on the CPU (gpu_layers 0) with "
+                              "engine.kv_cache_type bf16 or q8_0: otherwise llama.cpp's attention kernels depend on "
+                              "how tokens are batched, and drafted replies could differ from plain ones")
         k_type, v_type = {"f16": (llama_cpp.GGML_TYPE_F16, llama_cpp.GGML_TYPE_F16),
                           "bf16": (llama_cpp.GGML_TYPE_F16, GGML_TYPE_BF16),
-                          "q8_0": (llama_cpp.GGML_TYPE_Q8_0, llama_cpp.GGML_TYPE_Q8_0)}[self._config.kv_cache_type]
+                          "q8_0": (llama_cpp.GGML_TYPE_Q8_0, llama_cpp.GGML_TYPE_Q8_0)}[cache]
         # Prompt tokens per llama_decode call: never more than the context (llama.cpp caps n_batch there too).
         self._batch_tokens = min(self._config.batch_tokens, self._config.kv_tokens)
         try:
