@@ -47,7 +47,6 @@ def full_disk(lab: Lab, force_unwritable: bool = False) -> dict[str, Any]:
                     unfill=lambda: sessions.chmod(0o700), **launch)
 
 
-
 def fill(path: Path) -> None:
     """Write until the file system is full (ENOSPC)."""
     with open(path, "wb", buffering=0) as f:  # unbuffered: closing it has nothing left to write

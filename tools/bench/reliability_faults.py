@@ -179,6 +179,7 @@ def sigkill(lab: Lab, kills: int, sessions: int, seed_value: int) -> dict[str, A
     the restarted daemon carries on."""
     rng = random.Random(seed_value)
     state = lab.root / "kill-state"
+    session_dir = own_sessions(state)  # where this process's sessions are saved
     config = fake(reply=SESSION_REPLY, kv_tokens=8192, server={"max_session_messages": SESSION_MESSAGES})
     committed: dict[str, list[list[str]]] = {f"s{i}": [] for i in range(sessions)}
     verdicts: Counter[str] = Counter()
@@ -186,7 +187,7 @@ def sigkill(lab: Lab, kills: int, sessions: int, seed_value: int) -> dict[str, A
     during_write = turns = 0
     for _ in range(kills):
         d = lab.start(config, name="kill", state_dir=state)
-        temps = set(own_sessions(state).glob(".*.tmp"))
+        temps = set(session_dir.glob(".*.tmp"))
         inflight: dict[str, str] = {}
         before = sum(len(c) for c in committed.values())
         threads = [threading.Thread(target=converse, args=(d.socket, s, committed, inflight, errors))
@@ -199,9 +200,9 @@ def sigkill(lab: Lab, kills: int, sessions: int, seed_value: int) -> dict[str, A
             thread.join(timeout=30)
         turns += (sum(len(c) for c in committed.values()) - before) // 2
         # A temp file left behind: the kill landed inside a save (after mkstemp, before the rename).
-        during_write += bool(set(own_sessions(state).glob(".*.tmp")) - temps)
+        during_write += bool(set(session_dir.glob(".*.tmp")) - temps)
         for session in committed:
-            verdict, committed[session] = check_session(own_sessions(state) / f"{session}.json", committed[session],
+            verdict, committed[session] = check_session(session_dir / f"{session}.json", committed[session],
                                                         inflight.get(session))
             verdicts[verdict] += 1
     d = lab.start(config, name="kill", state_dir=state)  # the last restart: every session goes on
@@ -209,7 +210,7 @@ def sigkill(lab: Lab, kills: int, sessions: int, seed_value: int) -> dict[str, A
         continued = sum(c.call({**chat_request("and now?"), "session": s, "stream": False, "max_tokens": 256}
                                ).get("finish_reason") == "stop" for s in committed)
     for session, previous in committed.items():  # the new turn follows the whole history kept through the kills
-        verdict, _ = check_session(own_sessions(state) / f"{session}.json", previous, "and now?")
+        verdict, _ = check_session(session_dir / f"{session}.json", previous, "and now?")
         continued -= verdict != "new"
     return {"kills": kills, "kills_during_write": during_write, "turns_answered": turns,
             "sessions_checked": sum(verdicts.values()), "previous": verdicts["previous"], "new": verdicts["new"],
